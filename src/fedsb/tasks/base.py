@@ -1,0 +1,84 @@
+"""The task interface: where data comes from, how a prompt looks, how an answer is scored.
+
+A new task is one file that subclasses `Task` and registers itself with `@register_task`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+
+@dataclass(frozen=True)
+class Example:
+    """A supervised instruction example; the training loss covers `response` only."""
+
+    instruction: str
+    response: str
+    key: str | None = None  # label or group used for non-IID (Dirichlet) partitions
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    """A held-out problem with its gold answer and, for multiple choice, the option texts."""
+
+    instruction: str
+    gold: str
+    options: tuple[str, ...] = ()
+    gold_index: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A task family: loaders, prompt template, answer extraction and grading."""
+
+    name: ClassVar[str]
+    max_new_tokens: ClassVar[int] = 256
+    stop_strings: ClassVar[tuple[str, ...]] = ()
+    # Prompt template (see fedsb.tasks.prompts) used when the caller names none; an instance
+    # may carry its own `template` attribute, which takes precedence.
+    default_template: ClassVar[str] = "alpaca"
+    # Keys score() returns, "correct" first: lets reports lay out columns before any scoring.
+    metric_names: ClassVar[tuple[str, ...]] = ("correct",)
+    # Text appended to the prompt before ranking options by log-likelihood (e.g. the fixed
+    # "the correct answer is" that precedes the label in LLM-Adapters responses).
+    loglik_prefix: ClassVar[str] = ""
+
+    @abstractmethod
+    def train_examples(self, limit: int | None = None, seed: int = 0) -> list[Example]:
+        """Training examples, at most `limit`, a seeded subset when limited."""
+
+    @abstractmethod
+    def eval_examples(self, limit: int | None = None, seed: int = 0) -> list[EvalExample]:
+        """Evaluation examples, at most `limit`, a seeded subset when limited."""
+
+    @abstractmethod
+    def score(self, generation: str, example: EvalExample) -> dict[str, bool]:
+        """Grade one generation; the key "correct" is the headline metric."""
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    def wrap(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_task(name: str, **options: Any) -> Task:
+    from fedsb import tasks as _tasks  # noqa: F401  (imports every task module)
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**options)
+
+
+def task_names() -> list[str]:
+    from fedsb import tasks as _tasks  # noqa: F401
+
+    return sorted(_REGISTRY)
