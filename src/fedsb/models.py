@@ -120,9 +120,14 @@ def char_tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    fast.chat_template = (  # a minimal template, so chat-formatted tasks also run on tiny models
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return fast
 
 
 def tiny_causal_lm(arch: str = "llama", *, vocab_size: int = 100, hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
@@ -162,3 +167,22 @@ def tiny_classifier(*, vocab_size: int = 100, hidden: int = 32, layers: int = 2,
     )
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+
+
+TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-bert")
+
+
+def load_model(name: str | None, kind: str = "causal", *, num_labels: int = 3, seed: int = 0) -> tuple[nn.Module, Any]:
+    """Entry point for configs: the packaged defaults, hub names, local paths, or a tiny
+    random model ("tiny-llama", "tiny-qwen2", "tiny-bert") with a character tokenizer."""
+    if name in TINY_MODELS:
+        tok = char_tokenizer()
+        if name == "tiny-bert":
+            return tiny_classifier(vocab_size=len(tok), num_labels=num_labels, seed=seed), tok
+        model = tiny_causal_lm(name.removeprefix("tiny-"), vocab_size=len(tok), seed=seed)
+        model.config.pad_token_id = tok.pad_token_id
+        model.config.eos_token_id = tok.eos_token_id
+        return model, tok
+    if kind == "classifier":
+        return load_classifier(name, num_labels=num_labels)
+    return load_causal_lm(name)

@@ -20,6 +20,16 @@ class Example:
 
 
 @dataclass(frozen=True)
+class PairExample:
+    """A sentence-pair classification example (e.g. NLI premise / hypothesis)."""
+
+    text_a: str
+    text_b: str
+    label: int
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class EvalExample:
     """A held-out problem with its gold answer and, for multiple choice, the option texts."""
 

@@ -1,0 +1,93 @@
+"""The aggregation interface. A strategy is one small class in its own file.
+
+The server folds each client's update into a running weighted sum as it arrives
+(`add`), so memory does not grow with the number of clients (FLoRA excepted: stacking is the
+method). `finish` applies the aggregate to the global model and returns the payload every
+client downloads at the start of the next round.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fedsb.adapter.inject import adapter_layers, head_parameters, load_state, trainable_state
+
+
+def weighted_sum_into(sums: dict[str, Tensor], update: Mapping[str, Tensor], weight: float) -> None:
+    """sums[k] += weight * update[k], creating the entry on first use (fp64 for exactness)."""
+    for key, value in update.items():
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = value.detach().double() * weight
+        else:
+            acc.add_(value.detach().double(), alpha=weight)
+
+
+def weighted_mean(sums: Mapping[str, Tensor], total_weight: float) -> dict[str, Tensor]:
+    if total_weight <= 0:
+        raise ValueError("no client update to aggregate")
+    return {k: (v / total_weight).float() for k, v in sums.items()}
+
+
+class Strategy(ABC):
+    """One aggregation rule. Subclasses set the class attributes and implement `finish`."""
+
+    name: ClassVar[str]
+    adapter_kind: ClassVar[str] = "lora"  # "lorasb" or "lora"
+    train_a: ClassVar[bool] = True  # LoRA baselines: does A train?
+    modifies_base: ClassVar[bool] = False  # folds something into the frozen weights
+    exact: ClassVar[bool] = True
+
+    def __init__(self, *, weighted: bool = True, head_modules: list[str] | None = None, seed: int = 0) -> None:
+        self.weighted = weighted
+        self.head_modules = list(head_modules or [])
+        self.seed = seed
+        self._sums: dict[str, Tensor] = {}
+        self._total = 0.0
+        self._count = 0
+
+    def client_weight(self, num_examples: int) -> float:
+        return float(num_examples) if self.weighted else 1.0
+
+    def begin_round(self, model: nn.Module) -> None:
+        self._sums, self._total, self._count = {}, 0.0, 0
+
+    def add(self, model: nn.Module, update: Mapping[str, Tensor], num_examples: int) -> None:
+        """Fold one client's decoded upload into the running sums."""
+        w = self.client_weight(num_examples)
+        weighted_sum_into(self._sums, update, w)
+        self._total += w
+        self._count += 1
+
+    @abstractmethod
+    def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
+        """Apply the aggregate to `model`; return what every client downloads next round."""
+
+    # --- helpers shared by the strategies -------------------------------------------------
+
+    def mean_update(self) -> dict[str, Tensor]:
+        return weighted_mean(self._sums, self._total)
+
+    def download_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The global trainable tensors (what a client loads before training)."""
+        return trainable_state(model, self.head_modules)
+
+    def load_global(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+        load_state(model, dict(state), self.head_modules, strict_keys=False)
+
+    def head_keys(self, model: nn.Module) -> list[str]:
+        return list(head_parameters(model, self.head_modules))
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once after the adapters exist (e.g. seeded init of LoRA baselines)."""
+        from fedsb.adapter.layer import LoraLinear
+
+        g = torch.Generator().manual_seed(self.seed)
+        for layer in adapter_layers(model).values():
+            if isinstance(layer, LoraLinear):
+                layer.reset(g)

@@ -1,0 +1,51 @@
+"""FedEx-LoRA: average A and B, and fold the residual mean(B_i A_i) - mean(B) mean(A) into W.
+
+The residual is a full d_out x d_in matrix per module that every client must download: the
+download payload carries it, so the communication accounting counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fedsb.adapter.inject import adapter_layers
+from fedsb.aggregation.base import Strategy
+from fedsb.aggregation.registry import register_strategy
+
+
+@register_strategy("fedex")
+class FedExLoRA(Strategy):
+    modifies_base = True
+
+    def begin_round(self, model: nn.Module) -> None:
+        super().begin_round(model)
+        self._products: dict[str, Tensor] = {}
+
+    def add(self, model: nn.Module, update: Mapping[str, Tensor], num_examples: int) -> None:
+        super().add(model, update, num_examples)
+        w = self.client_weight(num_examples)
+        for name, layer in adapter_layers(model).items():
+            product = update[f"{name}.lora_B"].double() @ update[f"{name}.lora_A"].double()
+            acc = self._products.get(name)
+            if acc is None:
+                self._products[name] = product * w
+            else:
+                acc.add_(product, alpha=w)
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
+        mean = self.mean_update()
+        download = dict(mean)
+        for name, layer in adapter_layers(model).items():
+            mean_product = self._products[name] / self._total
+            product_of_means = mean[f"{name}.lora_B"].double() @ mean[f"{name}.lora_A"].double()
+            # The scaling alpha/r applies to the residual exactly as it did in training.
+            residual = ((mean_product - product_of_means) * layer.scaling).float()
+            layer.base_layer.weight.add_(residual.to(layer.base_layer.weight.dtype))
+            download[f"{name}.residual"] = residual
+        self.load_global(model, mean)
+        self._products = {}
+        return download

@@ -1,0 +1,56 @@
+"""FLoRA: stack the clients' adapters. The stacked product sum_i w_i B_i A_i is exact; every
+client downloads all stacked adapters (traffic grows with the number of clients), merges them
+into its base weights, and starts the next round from a fresh seeded LoRA init."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fedsb.adapter.inject import adapter_layers
+from fedsb.adapter.layer import LoraLinear
+from fedsb.aggregation.base import Strategy
+from fedsb.aggregation.registry import register_strategy
+
+
+@register_strategy("flora")
+class FLoRA(Strategy):
+    modifies_base = True
+
+    def begin_round(self, model: nn.Module) -> None:
+        super().begin_round(model)
+        self._stack: dict[str, list[Tensor]] = {}
+
+    def add(self, model: nn.Module, update: Mapping[str, Tensor], num_examples: int) -> None:
+        w = self.client_weight(num_examples)
+        self._total += w
+        self._count += 1
+        for key, value in update.items():
+            if key.endswith(".lora_B"):  # the weight rides on B so that sum_i (w_i B_i) A_i is the mean
+                value = value * w
+            elif key.startswith("head."):
+                self._sums[key] = self._sums.get(key, 0) + value.double() * w
+                continue
+            self._stack.setdefault(key, []).append(value.detach().float())
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
+        download: dict[str, Tensor] = {}
+        g = torch.Generator().manual_seed(self.seed * 7919 + round_index + 1)
+        for name, layer in adapter_layers(model).items():
+            a_stack = torch.cat(self._stack[f"{name}.lora_A"], dim=0)  # (N r) x d_in
+            b_stack = torch.cat(self._stack[f"{name}.lora_B"], dim=1) / self._total  # d_out x (N r)
+            delta = (b_stack.double() @ a_stack.double() * layer.scaling).float()
+            layer.base_layer.weight.add_(delta.to(layer.base_layer.weight.dtype))
+            # Same names as the adapter, stacked to rank N * r (as `comm_table.payload_names`).
+            download[f"{name}.lora_A"] = a_stack
+            download[f"{name}.lora_B"] = b_stack
+            assert isinstance(layer, LoraLinear)
+            layer.reset(g)  # every client draws the same fresh init from the shared seed
+        heads = {k: (v / self._total).float() for k, v in self._sums.items()}
+        self.load_global(model, heads)
+        download.update(heads)
+        self._stack = {}
+        return download

@@ -1,0 +1,281 @@
+"""Experiment configuration: one dataclass per section, validated, loaded from TOML.
+
+Unknown keys and bad values are rejected with one line that names the key and what is allowed.
+`--set section.key=value` overrides use TOML value syntax (`--set train.lr=1e-3`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what is allowed."""
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r}: allowed values are {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key} = {value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # hub name, local path, or None for the packaged default
+    kind: str = "causal"  # "causal" (LM) or "classifier" (sequence classification)
+    num_labels: int = 3  # classifier only
+
+    def validate(self) -> None:
+        _one_of("model.kind", self.kind, ("causal", "classifier"))
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 32
+    alpha: float | None = None  # None: rank for LoRA-SB (scaling 1), 2 * rank for LoRA baselines
+    dropout: float = 0.0
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    head_modules: list[str] = field(default_factory=list)  # modules that train fully (e.g. "classifier")
+
+    def validate(self) -> None:
+        _positive("adapter.rank", self.rank)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout = {self.dropout!r}: must be in [0, 1)")
+
+
+@dataclass
+class InitConfig:
+    method: str = "central"  # "central" (the paper), "federated" (sketches from clients), "random"
+    num_samples: int = 64  # examples for the gradient estimate
+    batch_size: int = 8
+    oversample: int = 10
+    power_iters: int = 2
+    data: str = "clients"  # central init: "clients" (pooled sample, the paper) or "public:<task>"
+    broadcast_dtype: str = "fp32"
+
+    def validate(self) -> None:
+        _one_of("init.method", self.method, ("central", "federated", "random"))
+        _one_of("init.broadcast_dtype", self.broadcast_dtype, ("fp32", "bf16", "fp16"))
+        _positive("init.num_samples", self.num_samples)
+        _positive("init.batch_size", self.batch_size)
+        _positive("init.oversample", self.oversample, zero_ok=True)
+        _positive("init.power_iters", self.power_iters, zero_ok=True)
+        if not (self.data == "clients" or self.data.startswith("public:")):
+            raise ConfigError(f"init.data = {self.data!r}: allowed values are 'clients' or 'public:<task name>'")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    local_epochs: float = 1.0  # passes over the client's data per round (ignored if local_steps > 0)
+    local_steps: int = 0  # optimizer steps per round; 0 = use local_epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    schedule: str = "linear"  # "linear", "cosine" or "constant", after warm-up, across all rounds
+    warmup_ratio: float = 0.02
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    weight_decay: float = 0.0
+    precision: str = "auto"  # "auto" (bf16 autocast where fast), "fp32", "bf16"
+    max_length: int = 256
+    keep_optimizer_state: bool = False  # keep each client's AdamW moments between rounds
+
+    def validate(self) -> None:
+        _positive("train.lr", self.lr)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.local_epochs", self.local_epochs)
+        _positive("train.local_steps", self.local_steps, zero_ok=True)
+        _positive("train.max_length", self.max_length)
+        _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio = {self.warmup_ratio!r}: must be in [0, 1)")
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = "fedsb"
+    num_clients: int = 10
+    rounds: int = 1
+    client_fraction: float = 1.0  # share of clients sampled each round
+    partition: str = "iid"  # "iid", "shards" (contiguous, the paper's split), "dirichlet"
+    dirichlet_alpha: float = 0.5
+    weighted: bool = True  # weight updates by example count (the paper's code: unweighted)
+    wire_dtype: str = "fp32"
+    measure_exactness: bool = True
+
+    def validate(self) -> None:
+        from fedsb.aggregation import strategy_names
+
+        _one_of("federation.strategy", self.strategy, tuple(strategy_names()))
+        _positive("federation.num_clients", self.num_clients)
+        _positive("federation.rounds", self.rounds)
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError(f"federation.client_fraction = {self.client_fraction!r}: must be in (0, 1]")
+        _one_of("federation.partition", self.partition, ("iid", "shards", "dirichlet"))
+        _positive("federation.dirichlet_alpha", self.dirichlet_alpha)
+        _one_of("federation.wire_dtype", self.wire_dtype, ("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the task's constructor
+    train_limit: int | None = None
+    eval_limit: int | None = 200
+    template: str | None = None  # None: the task's default
+    eval_mode: str = "generate"  # "generate" or "loglik" (multiple choice)
+    eval_batch_size: int = 32
+    max_new_tokens: int | None = None
+    eval_every: int = 0  # evaluate every k rounds (0: before and after training only)
+
+    def validate(self) -> None:
+        from fedsb.tasks import task_names
+
+        _one_of("task.name", self.name, tuple(task_names()))
+        _one_of("task.eval_mode", self.eval_mode, ("generate", "loglik", "none"))
+        _positive("task.eval_batch_size", self.eval_batch_size)
+        _positive("task.eval_every", self.eval_every, zero_ok=True)
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float = 3.0
+    delta: float | None = None  # None: 1 / (10 n), below 1/n for a client with n examples
+    max_grad_norm: float = 1.0
+    clipping: str = "flat"  # opacus clipping mode; "ghost" for ghost clipping
+    user_level: bool = False  # DP-FedAvg: clip each client's update and add noise at the server
+    user_clip_norm: float = 1.0
+    user_noise_multiplier: float = 1.0
+
+    def validate(self) -> None:
+        if self.enabled:
+            _positive("privacy.target_epsilon", self.target_epsilon)
+            if self.delta is not None and not 0 < self.delta < 1:
+                raise ConfigError(f"privacy.delta = {self.delta!r}: must be in (0, 1)")
+            _positive("privacy.max_grad_norm", self.max_grad_norm)
+        _one_of("privacy.clipping", self.clipping, ("flat", "ghost"))
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+
+def _drop_none(obj: Any) -> Any:
+    """TOML has no null: omit None values (they are the defaults)."""
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    text = str(hint)
+    if value is None:
+        return value
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if ("float" in text) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if hint is float and not isinstance(value, float):
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a table ([{key}])")
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _check_type(key, value, hint)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as a TOML value, or as a bare string)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a table")
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    data = merge_overrides(dict(data), overrides or [])
+    return _build(ExperimentConfig, data, "").validate()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(config.to_dict())

@@ -1,0 +1,408 @@
+"""Fast evaluation: batched greedy generation, option ranking by log-likelihood, accuracy.
+
+Speed matters because evaluation runs after every federated round on a CPU: prompts are
+sorted by length so a batch wastes little padding, each batch stops as soon as every sequence
+hit EOS or a stop string, and on CPUs with native bf16 the model runs under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsb.tasks.base import EvalExample, Task
+from fedsb.tasks.prompts import render_prompt
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (sane at 0% and 100%, unlike Wald)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _bf16_native(device: torch.device) -> bool:
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(
+            getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        )
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+def autocast_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision` on the model's device; None means run as stored.
+
+    "auto" picks bf16 only where the hardware does bf16 natively and the model is in fp32
+    (emulated bf16 is slower than fp32).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = _device(model)
+    param = next(model.parameters(), None)
+    if param is not None and param.dtype != torch.float32:
+        return None
+    return torch.bfloat16 if _bf16_native(device) else None
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
+    """eval mode + inference_mode + optional autocast; restores training mode afterwards."""
+    was_training = model.training
+    dtype = autocast_dtype(model, precision)
+    cast = (
+        torch.autocast(_device(model).type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
+    model.eval()
+    try:
+        with torch.inference_mode(), cast:
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids; no second BOS when the text (e.g. a rendered chat template) starts with one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def _pad_id(model: torch.nn.Module, tokenizer: Any) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id,
+                 getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(cand, list):
+            cand = cand[0] if cand else None
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for cand in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                 tokenizer.eos_token_id):
+        if isinstance(cand, int):
+            ids.add(cand)
+        elif cand:
+            ids.update(int(c) for c in cand)
+    return ids
+
+
+def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest stop string."""
+    cut = len(text)
+    for s in stop_strings:
+        i = text.find(s)
+        if s and 0 <= i < cut:
+            cut = i
+    return text[:cut]
+
+
+def _progress(enabled: bool, label: str) -> Any:
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import (  # noqa: PLC0415 - only when drawing
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
+
+
+# --------------------------------------------------------------------------- generation
+
+@dataclass
+class Generations:
+    """Generated texts in input order, plus the token count for throughput figures."""
+
+    texts: list[str]
+    tokens: int
+    wall_s: float
+
+
+def generate_with_stats(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: bool = True,
+    precision: str = "auto",
+) -> Generations:
+    """`generate`, also returning how many tokens were generated (up to EOS/stop)."""
+    start = time.perf_counter()
+    encoded = [_encode(tokenizer, p) for p in prompts]
+    # Longest first: the biggest batch (most memory) runs first and padding stays small.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    device, pad_id, eos = _device(model), _pad_id(model, tokenizer), _eos_ids(model, tokenizer)
+    stops = [s for s in stop_strings if s]
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+        pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
+    )
+    if eos:
+        kwargs["eos_token_id"] = sorted(eos)
+    if stops:
+        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
+    texts: list[str] = [""] * len(prompts)
+    total = 0
+    with _inference(model, precision), _progress(progress, "generate") as bar:
+        task_id = bar.add_task("gen", total=len(prompts), rate="") if bar else None
+        for idx in _batches(order, batch_size):
+            ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            new = out[:, ids.shape[1]:].tolist()
+            for row, i in zip(new, idx):
+                n = len(row)
+                for t, tok in enumerate(row):
+                    if tok in eos or tok == pad_id:
+                        n = t + (1 if tok in eos else 0)
+                        break
+                total += n
+                text = tokenizer.decode(row[:n], skip_special_tokens=True)
+                texts[i] = truncate_at_stop(text, stops)
+            if bar is not None:
+                rate = total / max(time.perf_counter() - start, 1e-9)
+                bar.update(task_id, advance=len(idx), rate=f"{rate:.0f} tok/s")
+    return Generations(texts, total, time.perf_counter() - start)
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: bool = True,
+    precision: str = "auto",
+) -> list[str]:
+    """Greedy continuations of `prompts` (in input order), cut before the first stop string.
+
+    Batched with left padding and the KV cache; a batch ends once all of its sequences have
+    produced EOS or a stop string.
+    """
+    return generate_with_stats(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+        batch_size=batch_size, progress=progress, precision=precision,
+    ).texts
+
+
+# --------------------------------------------------------------------------- log-likelihood
+
+def _split_request(tokenizer: Any, context: str, option: str) -> tuple[list[int], int]:
+    """(token ids of context+option, number of option tokens at the end).
+
+    As lm-evaluation-harness: trailing whitespace moves from the context to the option (BPE
+    vocabularies attach a space to the following word), and the option tokens are what
+    tokenizing the whole string adds beyond the context's tokens. Where the two merge into one
+    token ("are" + "a" -> "area") the option is tokenized on its own instead.
+    """
+    n_ws = len(context) - len(context.rstrip())
+    if n_ws:
+        context, option = context[:-n_ws], context[-n_ws:] + option
+    ctx = _encode(tokenizer, context)
+    whole = _encode(tokenizer, context + option)
+    if whole[: len(ctx)] != ctx or len(whole) <= len(ctx):
+        whole = ctx + list(tokenizer(option, add_special_tokens=False)["input_ids"])
+    n_opt = len(whole) - len(ctx)
+    if n_opt <= 0 or not ctx:
+        raise ValueError(f"cannot score option {option!r} after context {context[-40:]!r}")
+    return whole, n_opt
+
+
+def loglik_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    options_per_prompt: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    *,
+    precision: str = "auto",
+    progress: bool = False,
+) -> list[list[float]]:
+    """Summed log-probability of each option's tokens given its prompt."""
+    if len(prompts) != len(options_per_prompt):
+        raise ValueError("prompts and options_per_prompt differ in length")
+    reqs: list[tuple[int, int, list[int], int]] = []
+    for i, (prompt, options) in enumerate(zip(prompts, options_per_prompt)):
+        for j, opt in enumerate(options):
+            ids, n_opt = _split_request(tokenizer, prompt, opt)
+            reqs.append((i, j, ids, n_opt))
+    scores = [[0.0] * len(opts) for opts in options_per_prompt]
+    order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][2]))
+    device, pad_id = _device(model), _pad_id(model, tokenizer)
+    with _inference(model, precision), _progress(progress, "loglik") as bar:
+        task_id = bar.add_task("ll", total=len(reqs), rate="") if bar else None
+        for idx in _batches(order, batch_size):
+            batch = [reqs[r] for r in idx]
+            ids, mask = _left_pad([b[2] for b in batch], pad_id, device)
+            # Left padding: positions must count real tokens only, as in unpadded inputs.
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            keep = max(b[3] for b in batch) + 1
+            try:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               logits_to_keep=keep).logits
+            except TypeError:  # a wrapper without logits_to_keep
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            logp = logits[:, -keep:].float().log_softmax(-1)
+            width = ids.shape[1]
+            for row, (i, j, _, n_opt) in enumerate(batch):
+                target = ids[row, width - n_opt:]
+                # logits at position p predict token p+1; logp[:, k] is position width-keep+k.
+                lp = logp[row, keep - n_opt - 1: keep - 1]
+                scores[i][j] = float(lp.gather(-1, target[:, None]).sum())
+            if bar is not None:
+                bar.update(task_id, advance=len(idx))
+    return scores
+
+
+def loglik_choices(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    options_per_prompt: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    *,
+    precision: str = "auto",
+    progress: bool = False,
+) -> list[int]:
+    """Index of the most likely option for each prompt (first one on ties)."""
+    scores = loglik_scores(model, tokenizer, prompts, options_per_prompt, batch_size,
+                           precision=precision, progress=progress)
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+# --------------------------------------------------------------------------- evaluate
+
+def task_template(task: Task, template: str | None = None) -> str:
+    """The template to use: the caller's, else the task instance's, else the task default."""
+    return template or getattr(task, "template", None) or task.default_template
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[EvalExample],
+    *,
+    template: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    mode: str = "generate",
+    progress: bool = True,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Accuracy of `model` on `examples`, with a Wilson 95% interval and throughput.
+
+    mode="generate" grades greedy generations with `task.score`; mode="loglik" ranks each
+    example's options (after `task.loglik_prefix`) and grades the winner's text the same way.
+    Every key score() returns becomes a metric (mean over the examples that report it).
+    """
+    tpl = task_template(task, template)
+    prompts = [render_prompt(ex.instruction, tpl, tokenizer) for ex in examples]
+    start = time.perf_counter()
+    tokens = 0
+    if mode == "generate":
+        gens = generate_with_stats(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens or task.max_new_tokens,
+            stop_strings=task.stop_strings, batch_size=batch_size, progress=progress,
+            precision=precision,
+        )
+        predictions, tokens = gens.texts, gens.tokens
+    elif mode == "loglik":
+        if any(not ex.options for ex in examples):
+            raise ValueError(f"mode='loglik' needs options on every example; {task.name} has none")
+        picks = loglik_choices(
+            model, tokenizer, [p + task.loglik_prefix for p in prompts],
+            [ex.options for ex in examples], batch_size, precision=precision, progress=progress,
+        )
+        predictions = [ex.options[k] for ex, k in zip(examples, picks)]
+    else:
+        raise ValueError(f"unknown mode {mode!r}; allowed: generate, loglik")
+    wall = time.perf_counter() - start
+
+    sums: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for pred, ex in zip(predictions, examples):
+        for key, ok in task.score(pred, ex).items():
+            sums[key] = sums.get(key, 0) + int(bool(ok))
+            counts[key] = counts.get(key, 0) + 1
+    n = len(examples)
+    correct = sums.get("correct", 0)
+    lo, hi = wilson_interval(correct, n)
+    return {
+        "task": task.name,
+        "mode": mode,
+        "template": tpl,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "ci95": [lo, hi],
+        "metrics": {k: sums[k] / counts[k] for k in sums},
+        "metric_n": dict(counts),
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "examples_per_s": n / wall if wall > 0 else 0.0,
+        "predictions": list(predictions),
+    }

@@ -1,0 +1,267 @@
+"""Bytes on the wire: every client/server message is a safetensors blob.
+
+safetensors is used (not pickle) because a server must be able to parse untrusted client
+payloads safely; `decode` validates a payload completely before anything touches the model.
+`encoded_size` reproduces the safetensors layout analytically so that the communication table
+(`fedsb.federated.comm_table`) reports the exact bytes a real run sends, without allocating
+multi-gigabyte tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+# safetensors' header names and element sizes of the torch dtypes we may put on the wire.
+_ST_NAME: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4,
+    "BF16": 2, "F16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+# Order in which safetensors 0.8 lays tensors out: by dtype in this order, then by name
+# (bytewise, which equals Python's code-point order). Verified in tests/test_comm.py.
+_ST_ORDER: tuple[str, ...] = (
+    "U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL",
+)  # fmt: skip
+_FLOAT_ST = frozenset({"F64", "F32", "BF16", "F16"})
+_HEADER_ALIGN = 8
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+class PayloadError(ValueError):
+    """A received payload is rejected; the message says precisely why."""
+
+
+def _wire_dtype(dtype: str) -> torch.dtype:
+    try:
+        return WIRE_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {sorted(WIRE_DTYPES)}") from None
+
+
+def encode(
+    tensors: Mapping[str, Tensor],
+    dtype: str = "fp32",
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """Serialize `tensors` as safetensors bytes, floats cast to the wire dtype, ints as they are.
+
+    An empty metadata mapping is sent as no metadata (safetensors 0.8 writes invalid JSON for
+    empty metadata with no tensors, and the two are equivalent for `decode`).
+    """
+    wire = _wire_dtype(dtype)
+    prepared: dict[str, Tensor] = {}
+    seen_storage: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+        t = t.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(wire)
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen_storage:  # safetensors refuses tensors sharing storage
+            t = t.clone()
+        elif t.numel():
+            seen_storage.add(ptr)
+        prepared[name] = t
+    md = dict(metadata) if metadata else None
+    return safetensors.torch.save(prepared, metadata=md)
+
+
+def _header_json(entries: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
+    """The JSON header safetensors writes for `entries` (name, st dtype, shape), unpadded."""
+    ordered = sorted(entries, key=lambda e: (_ST_ORDER.index(e[1]), e[0]))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, st_dtype, shape in ordered:
+        nbytes = math.prod(shape) * _ST_ITEMSIZE[st_dtype]
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    # serde_json's compact output == Python's compact json with raw (non-ASCII) UTF-8
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _layout_size(entries: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> int:
+    """Exact safetensors blob size: 8-byte length + space-padded header + raw data."""
+    n = len(_header_json(entries, metadata))
+    n += -n % _HEADER_ALIGN
+    data = sum(math.prod(shape) * _ST_ITEMSIZE[dt] for _, dt, shape in entries)
+    return 8 + n + data
+
+
+def encoded_size(
+    shapes: Mapping[str, tuple[int, ...]],
+    dtype: str = "fp32",
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """The exact `len(encode(...))` for float tensors of these shapes, without allocating them."""
+    st_dtype = _ST_NAME[_wire_dtype(dtype)]
+    entries = [(name, st_dtype, tuple(int(d) for d in shape)) for name, shape in shapes.items()]
+    return _layout_size(entries, metadata)
+
+
+def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse and sanity-check the header without touching tensor data."""
+    if len(data) < 8:
+        raise PayloadError(f"unparsable payload: {len(data)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, _MAX_HEADER):
+        raise PayloadError(f"unparsable payload: header length {n} exceeds the {len(data) - 8} bytes that follow")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError(f"unparsable payload: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise PayloadError("unparsable payload: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise PayloadError("unparsable payload: __metadata__ must map strings to strings")
+    for name, info in header.items():
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or "dtype" not in info:
+            raise PayloadError(f"unparsable payload: bad header entry for tensor {name!r}")
+    return header, metadata
+
+
+def decode(
+    data: bytes,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    max_bytes: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Validate and parse a payload; return fp32 tensors and the metadata.
+
+    Checks run cheapest first (size, header, keys, shapes, dtypes) so that an oversized or
+    malformed upload is rejected before its tensor data is materialized. Never unpickles.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    header, metadata = _parse_header(data)
+    if expected is not None:
+        missing = sorted(set(expected) - set(header))
+        extra = sorted(set(header) - set(expected))
+        if missing:
+            raise PayloadError(f"missing tensors: {missing}")
+        if extra:
+            raise PayloadError(f"unexpected tensors: {extra}")
+        for name, shape in expected.items():
+            got = tuple(header[name]["shape"])
+            if got != tuple(shape):
+                raise PayloadError(f"tensor {name!r} has shape {got}, expected {tuple(shape)}")
+    for name, info in header.items():
+        if info["dtype"] not in _FLOAT_ST:
+            raise PayloadError(f"tensor {name!r} has non-float dtype {info['dtype']}")
+    try:
+        raw = safetensors.torch.load(bytes(data))
+    except Exception as e:  # the Rust parser's errors: offsets, lengths, overlaps
+        raise PayloadError(f"unparsable payload: {e}") from None
+    out: dict[str, Tensor] = {}
+    for name, t in raw.items():
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"tensor {name!r} contains NaN or Inf")
+        out[name] = t
+    return out, dict(metadata)
+
+
+@dataclass
+class CommLedger:
+    """What actually crossed the wire, per round and per client, plus one-time transfers."""
+
+    up: list[dict[str, int]] = field(default_factory=list)  # round -> client -> bytes
+    down: list[dict[str, int]] = field(default_factory=list)
+    one_time: dict[str, int] = field(default_factory=dict)  # label -> bytes
+
+    def _round(self, rnd: int) -> None:
+        if rnd < 0:
+            raise ValueError(f"round must be >= 0, got {rnd}")
+        while len(self.up) <= rnd:
+            self.up.append({})
+            self.down.append({})
+
+    def record_up(self, rnd: int, client: str | int, nbytes: int) -> None:
+        """Add `nbytes` uploaded by `client` in round `rnd` (accumulates)."""
+        self._round(rnd)
+        self.up[rnd][str(client)] = self.up[rnd].get(str(client), 0) + int(nbytes)
+
+    def record_down(self, rnd: int, client: str | int, nbytes: int) -> None:
+        """Add `nbytes` downloaded by `client` in round `rnd` (accumulates)."""
+        self._round(rnd)
+        self.down[rnd][str(client)] = self.down[rnd].get(str(client), 0) + int(nbytes)
+
+    def record_one_time(self, label: str, nbytes: int) -> None:
+        """Add bytes of a transfer outside the round loop (e.g. "init_broadcast")."""
+        self.one_time[label] = self.one_time.get(label, 0) + int(nbytes)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.up)
+
+    def round_bytes(self, rnd: int) -> int:
+        return sum(self.up[rnd].values()) + sum(self.down[rnd].values())
+
+    @property
+    def total_up(self) -> int:
+        return sum(sum(r.values()) for r in self.up)
+
+    @property
+    def total_down(self) -> int:
+        return sum(sum(r.values()) for r in self.down)
+
+    @property
+    def total_one_time(self) -> int:
+        return sum(self.one_time.values())
+
+    @property
+    def total(self) -> int:
+        return self.total_up + self.total_down + self.total_one_time
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the raw records plus totals (totals are ignored by `from_dict`)."""
+        return {
+            "up": [dict(r) for r in self.up],
+            "down": [dict(r) for r in self.down],
+            "one_time": dict(self.one_time),
+            "totals": {
+                "up": self.total_up,
+                "down": self.total_down,
+                "one_time": self.total_one_time,
+                "total": self.total,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CommLedger:
+        up = [{str(k): int(v) for k, v in r.items()} for r in d.get("up", [])]
+        down = [{str(k): int(v) for k, v in r.items()} for r in d.get("down", [])]
+        if len(up) != len(down):
+            raise ValueError(f"ledger has {len(up)} upload rounds but {len(down)} download rounds")
+        return cls(up=up, down=down, one_time={str(k): int(v) for k, v in d.get("one_time", {}).items()})
