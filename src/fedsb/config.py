@@ -129,18 +129,22 @@ class FederationConfig:
 class TaskConfig:
     name: str = "arith"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the task's constructor
-    train_limit: int | None = None
-    eval_limit: int | None = 200
+    train_limit: int | None = None  # None or 0: all training examples
+    eval_limit: int | None = 200  # 0: the whole evaluation set
     template: str | None = None  # None: the task's default
     eval_mode: str = "generate"  # "generate" or "loglik" (multiple choice)
     eval_batch_size: int = 32
     max_new_tokens: int | None = None
     eval_every: int = 0  # evaluate every k rounds (0: before and after training only)
+    eval_tasks: list[str] = field(default_factory=list)  # evaluate on these instead (e.g. gsm8k, math)
+    eval_options: dict[str, Any] = field(default_factory=dict)  # per eval task: {name: {option: value}}
 
     def validate(self) -> None:
         from fedsb.tasks import task_names
 
         _one_of("task.name", self.name, tuple(task_names()))
+        for name in self.eval_tasks:
+            _one_of("task.eval_tasks[]", name, tuple(task_names()))
         _one_of("task.eval_mode", self.eval_mode, ("generate", "loglik", "none"))
         _positive("task.eval_batch_size", self.eval_batch_size)
         _positive("task.eval_every", self.eval_every, zero_ok=True)
@@ -148,21 +152,40 @@ class TaskConfig:
 
 @dataclass
 class PrivacyConfig:
+    """Differential privacy (see docs/privacy.md and `fedsb.privacy`).
+
+    `enabled`: sample-level DP-SGD on every client (opacus), calibrated so that each client's
+    epsilon over the whole run (all rounds, plus a private init if any) stays <= target_epsilon.
+    `user_level`: DP-FedAvg at the server (clip each client's update, Gaussian noise on the
+    mean); usable with or without `enabled`.
+    """
+
     enabled: bool = False
     target_epsilon: float = 3.0
     delta: float | None = None  # None: 1 / (10 n), below 1/n for a client with n examples
     max_grad_norm: float = 1.0
-    clipping: str = "flat"  # opacus clipping mode; "ghost" for ghost clipping
+    clipping: str = "flat"  # "flat": opacus hooks (per-sample gradients); "ghost": ghost clipping
+    init_noise_multiplier: float | None = None  # > 0: private gradient-SVD init on client data
     user_level: bool = False  # DP-FedAvg: clip each client's update and add noise at the server
     user_clip_norm: float = 1.0
     user_noise_multiplier: float = 1.0
+    user_delta: float | None = None  # None: 1 / (10 * num_clients)
 
     def validate(self) -> None:
         if self.enabled:
             _positive("privacy.target_epsilon", self.target_epsilon)
+            if self.target_epsilon == float("inf"):
+                raise ConfigError("privacy.target_epsilon = inf: for no privacy set privacy.enabled = false")
             if self.delta is not None and not 0 < self.delta < 1:
                 raise ConfigError(f"privacy.delta = {self.delta!r}: must be in (0, 1)")
             _positive("privacy.max_grad_norm", self.max_grad_norm)
+            if self.init_noise_multiplier is not None:
+                _positive("privacy.init_noise_multiplier", self.init_noise_multiplier)
+        if self.user_level:
+            _positive("privacy.user_clip_norm", self.user_clip_norm)
+            _positive("privacy.user_noise_multiplier", self.user_noise_multiplier)
+            if self.user_delta is not None and not 0 < self.user_delta < 1:
+                raise ConfigError(f"privacy.user_delta = {self.user_delta!r}: must be in (0, 1)")
         _one_of("privacy.clipping", self.clipping, ("flat", "ghost"))
 
 

@@ -53,6 +53,7 @@ class Federation:
     classification: bool
     precision: str
     steps_per_round: dict[int, int] = field(default_factory=dict)
+    privacy: Any = None  # fedsb.privacy.state.PrivacyState when privacy.enabled or privacy.user_level
 
     @property
     def head_modules(self) -> list[str]:
@@ -70,8 +71,8 @@ def build_federation(config: ExperimentConfig) -> Federation:
     model, tokenizer = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed)
     task = get_task(cfg.task.name, **cfg.task.options)
     template = cfg.task.template or getattr(task, "default_template", "alpaca")
-    train = task.train_examples(limit=cfg.task.train_limit, seed=cfg.seed)
-    eval_examples = task.eval_examples(limit=cfg.task.eval_limit, seed=cfg.seed) if cfg.task.eval_mode != "none" else []
+    train = task.train_examples(limit=cfg.task.train_limit or None, seed=cfg.seed)
+    eval_examples = load_eval_sets(cfg, task) if cfg.task.eval_mode != "none" else []
     classification = bool(train) and isinstance(train[0], PairExample)
     items = tokenize_all(train, tokenizer, template, cfg.train.max_length)
     parts = partition_indices(
@@ -85,6 +86,10 @@ def build_federation(config: ExperimentConfig) -> Federation:
     clients = [ClientData(cid, [items[i] for i in idx], classification) for cid, idx in enumerate(parts)]
     strategy_cls = get_strategy(cfg.federation.strategy)
     strategy = strategy_cls(weighted=cfg.federation.weighted, head_modules=cfg.adapter.head_modules, seed=cfg.seed)
+    if cfg.privacy.user_level:  # DP-FedAvg: clip + noise around the strategy's mean
+        from fedsb.privacy.user_level import wrap_user_level
+
+        strategy = wrap_user_level(strategy, cfg)
     inject_adapters(
         model,
         cfg.adapter.targets,
@@ -110,7 +115,19 @@ def build_federation(config: ExperimentConfig) -> Federation:
         precision=resolve_precision(t.precision, next(model.parameters()).device),
     )
     fed.steps_per_round = {c.client_id: c.steps_per_round(t.batch_size, t.grad_accum, t.local_epochs, t.local_steps) for c in clients}
+    if cfg.privacy.enabled or cfg.privacy.user_level:  # per-client noise calibrated for the whole run
+        from fedsb.privacy.state import PrivacyState
+
+        fed.privacy = PrivacyState.build(fed)
     return fed
+
+
+def load_eval_sets(cfg: ExperimentConfig, task: Any) -> list[tuple[Any, list[Any]]]:
+    """(task, examples) per evaluation task: the training task, or `task.eval_tasks`."""
+    tasks = [task] if not cfg.task.eval_tasks else [
+        get_task(name, **cfg.task.eval_options.get(name, {})) for name in cfg.task.eval_tasks
+    ]
+    return [(t, t.eval_examples(limit=cfg.task.eval_limit or None, seed=cfg.seed)) for t in tasks]
 
 
 # --- initialization ------------------------------------------------------------------------
@@ -137,9 +154,17 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, An
     if fed.strategy.adapter_kind != "lorasb":
         return {"method": "seeded-lora"}
     info: dict[str, Any] = {"method": cfg.init.method}
+    private_init = False
+    if cfg.privacy.enabled or cfg.privacy.user_level:  # refuses an init that reads client data without noise
+        from fedsb.privacy.init import guard_init, private_init_central
+
+        private_init = guard_init(cfg)
     start = time.perf_counter()
     if cfg.init.method == "random":
         init_random(layers, seed=cfg.seed)
+    elif private_init:
+        with progress_bar("init: private gradient pass", total=cfg.init.num_samples) as advance:
+            info.update(private_init_central(fed, progress=advance))
     elif cfg.init.method == "central":
         batches = init_batches(fed)
         with progress_bar("init: gradient pass", total=len(batches)) as advance:
@@ -177,6 +202,10 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, An
 
 def train_client(fed: Federation, client: ClientData, round_index: int, global_state: dict[str, Tensor]) -> ClientResult:
     """Load the global adapter, train locally; the model then holds the client's tensors."""
+    if fed.config.privacy.enabled:  # sample-level DP-SGD (opacus)
+        from fedsb.privacy.client import train_client_private
+
+        return train_client_private(fed, client, round_index, global_state)
     cfg = fed.config.train
     fed.strategy.load_global(fed.model, global_state)
     params = trainable_parameters(fed.model)
@@ -277,28 +306,39 @@ def run_round(
 # --- evaluation ----------------------------------------------------------------------------
 
 
-def evaluate_federation(fed: Federation) -> dict[str, Any]:
+def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, Any]:
     cfg = fed.config.task
-    if cfg.eval_mode == "none" or not fed.eval_examples:
-        return {}
-    custom = getattr(fed.task, "evaluate_model", None)
+    custom = getattr(task, "evaluate_model", None)
     if custom is not None:
-        result = custom(fed.model, fed.tokenizer, fed.eval_examples, batch_size=cfg.eval_batch_size, precision=fed.precision)
+        result = custom(fed.model, fed.tokenizer, examples, batch_size=cfg.eval_batch_size, precision=fed.precision)
     else:
         from fedsb.evaluation import evaluate
 
         result = evaluate(
             fed.model,
             fed.tokenizer,
-            fed.task,
-            fed.eval_examples,
-            template=fed.template,
+            task,
+            examples,
+            template=cfg.template or getattr(task, "default_template", fed.template),
             batch_size=cfg.eval_batch_size,
             max_new_tokens=cfg.max_new_tokens,
             mode=cfg.eval_mode,
             precision=fed.precision,
         )
     return {k: v for k, v in result.items() if k != "predictions"}
+
+
+def evaluate_federation(fed: Federation) -> dict[str, Any]:
+    """The headline accuracy (mean over evaluation tasks) and the per-task results."""
+    if fed.config.task.eval_mode == "none" or not fed.eval_examples:
+        return {}
+    results = {task.name: evaluate_one(fed, task, examples) for task, examples in fed.eval_examples}
+    if len(results) == 1:
+        return next(iter(results.values()))
+    return {
+        "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
+        "per_task": results,
+    }
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -327,6 +367,8 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, resume: boo
         init_info, before = meta["init"], meta["eval_before"]
         download = comm.encode(_download_from_meta(fed, meta), config.federation.wire_dtype)
         start_round = meta["round"] + 1
+        if fed.privacy is not None:
+            fed.privacy.load_dict(meta.get("privacy") or {})
     else:
         atomic_write_bytes(out_dir / "config.toml", dump_config(config).encode())
         init_info = initialize_adapter(fed, ledger)
@@ -334,6 +376,8 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, resume: boo
         download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
     for r in range(start_round, config.federation.rounds):
         metrics, download = run_round(fed, r, download, ledger, meter)
+        if fed.privacy is not None:
+            metrics.update(fed.privacy.round_metrics(fed.strategy))
         last = r == config.federation.rounds - 1
         every = config.task.eval_every
         if last or (every and (r + 1) % every == 0):
@@ -355,10 +399,15 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, resume: boo
                 "download_shapes": {k: list(v.shape) for k, v in comm.decode(download)[0].items()},
                 "download_bytes": len(download),
                 "optimizer_param_groups": next((c.optimizer_state["param_groups"] for c in fed.clients if c.optimizer_state), None),
+                "privacy": fed.privacy.to_dict() if fed.privacy is not None else None,
             },
         )
     save_adapter(fed.model, out_dir / "adapter", fed.head_modules, base_model=config.model.name)
     summary = summarize(config, rows, ledger, init_info, before, time.perf_counter() - wall)
+    if fed.privacy is not None:
+        summary["privacy"] = fed.privacy.summary()
+        summary["epsilon"] = summary["privacy"].get("epsilon")
+        summary["user_epsilon"] = summary["privacy"].get("user_epsilon")
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 

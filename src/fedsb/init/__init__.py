@@ -16,15 +16,11 @@ import torch
 from torch import Tensor
 
 from fedsb.adapter.layer import AdapterLinear, LoraSBLinear
+from fedsb.init.federated import layer_generator  # one test matrix per (seed, layer), shared by all inits
 from fedsb.init.gradients import LossFn, default_loss, estimate_gradients
 from fedsb.init.svd import effective_lr, randomized_svd
 
 INIT_METHODS = ("central", "random", "federated")
-
-
-def layer_generator(seed: int, index: int) -> torch.Generator:
-    """A generator per layer, so a layer's factors do not depend on the other layers."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
 def _lorasb_layers(layers: Mapping[str, AdapterLinear]) -> dict[str, LoraSBLinear]:

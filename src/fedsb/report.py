@@ -1,0 +1,91 @@
+"""Results -> tables and plots: what a person reads after a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def accuracy_cell(ev: dict[str, Any]) -> str:
+    if not ev or ev.get("accuracy") is None:
+        return "-"
+    ci = ev.get("ci95")
+    return f"{pct(ev['accuracy'])} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else pct(ev["accuracy"])
+
+
+def summary_table(summaries: Sequence[dict[str, Any]], title: str = "fedsb results") -> Table:
+    table = Table(title=title)
+    for col in ("strategy", "rank", "acc. before [95% CI]", "acc. after [95% CI]", "up/client/round", "one-time", "total bytes", "max exactness err"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for s in summaries:
+        err = s.get("max_exactness_error")
+        table.add_row(
+            s["strategy"],
+            str(s["rank"]),
+            accuracy_cell(s.get("eval_before", {})),
+            accuracy_cell(s.get("eval_after", {})),
+            human_bytes(s.get("upload_bytes_per_client_round")),
+            human_bytes(s.get("one_time_bytes")),
+            human_bytes(s.get("total_bytes")),
+            "-" if err is None else f"{err:.1e}",
+        )
+    return table
+
+
+def print_summary(summaries: Sequence[dict[str, Any]], console: Console | None = None, title: str = "fedsb results") -> None:
+    (console or Console()).print(summary_table(summaries, title))
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+    head = "| strategy | rank | accuracy before [95% CI] | accuracy after [95% CI] | up/client/round | one-time | total bytes | max exactness error |\n"
+    head += "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    rows = []
+    for s in summaries:
+        err = s.get("max_exactness_error")
+        rows.append(
+            f"| {s['strategy']} | {s['rank']} | {accuracy_cell(s.get('eval_before', {}))} | {accuracy_cell(s.get('eval_after', {}))} | "
+            f"{human_bytes(s.get('upload_bytes_per_client_round'))} | {human_bytes(s.get('one_time_bytes'))} | "
+            f"{human_bytes(s.get('total_bytes'))} | {'-' if err is None else f'{err:.1e}'} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def accuracy_vs_bytes_plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> Path:
+    """One line per strategy: accuracy after each round against cumulative bytes (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes on the wire (all clients, incl. one-time costs)")
+    ax.set_ylabel("accuracy on held-out problems (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,74 @@
+"""The command line: run / resume / comm / demo machinery on tiny models."""
+
+import json
+
+import tomli_w
+from typer.testing import CliRunner
+
+from fedsb.cli import app
+from tests.test_federation import TINY
+
+runner = CliRunner()
+
+
+def write_config(tmp_path, **federation):
+    data = json.loads(json.dumps(TINY))
+    data["federation"].update(federation)
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def test_run_writes_results_folder(tmp_path):
+    cfg = write_config(tmp_path, rounds=1)
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "out"), "--set", "federation.strategy=ffa"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter.safetensors"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "summary.json").read_text())["strategy"] == "ffa"
+    assert "ffa" in result.output
+
+
+def test_bad_config_value_is_one_clear_line(tmp_path):
+    cfg = write_config(tmp_path)
+    result = runner.invoke(app, ["run", str(cfg), "--set", "federation.partition=random"])
+    assert result.exit_code == 2
+    assert "federation.partition = 'random': allowed values are 'iid', 'shards', 'dirichlet'" in result.output
+
+
+def test_resume_finishes_an_interrupted_run(tmp_path):
+    cfg = write_config(tmp_path, rounds=2)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["run", str(cfg), "--out", str(out), "--set", "federation.rounds=1"]).exit_code == 0
+    # the folder's config says 1 round; resuming with 2 rounds continues from round 1
+    result = runner.invoke(app, ["run", "--resume", str(out), "--set", "federation.rounds=2"])
+    assert result.exit_code == 0, result.output
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [1, 2]
+
+
+def test_comm_json(tmp_path):
+    result = runner.invoke(app, ["comm", "--model-shape", "bert-base-cased", "--method", "fedsb", "--rank", "32", "--clients", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0]["comm_params"] == 32 * 32 * 24 + 2307
+
+
+def test_demo_machinery_on_tiny_model(tmp_path, monkeypatch):
+    import fedsb.commands.demo as demo
+
+    base = demo.demo_config_dict()
+    tiny = json.loads(json.dumps(TINY))
+    base.update({"model": tiny["model"], "adapter": tiny["adapter"], "train": tiny["train"], "init": tiny["init"]})
+    base["federation"].update({"num_clients": 3, "rounds": 2})
+    base["task"].update({"train_limit": 24, "eval_limit": 4, "eval_batch_size": 4, "max_new_tokens": 4})
+    monkeypatch.setattr(demo, "demo_config_dict", lambda: base)
+    result = demo.run_demo(tmp_path, strategies={"fedsb": {"adapter.rank": 4}, "fedit": {"adapter.rank": 2}})
+    assert set(result) == {"fedsb", "fedit"}
+    for values in result.values():
+        for key in ("accuracy_before", "accuracy_after", "upload_bytes_per_client_round", "total_bytes", "max_exactness_error"):
+            assert values[key] is not None
+    assert result["fedsb"]["upload_bytes_per_client_round"] < result["fedit"]["upload_bytes_per_client_round"]
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text()) == result
