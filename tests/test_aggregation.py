@@ -1,5 +1,6 @@
 """Aggregation: exactness over random shapes/ranks/clients/weights; bytes equal the analytic count."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(d_in, d_out, bias=False) for d_out, d_in in shapes)
 
 
-def federate(strategy_name, shapes, rank, weights, seed, alpha=None):
+def federate(strategy_name, shapes, rank, weights, seed, alpha=None, probes=32):
     """One round with random client updates; returns (strategy, model, exactness errors, payloads)."""
     cls = get_strategy(strategy_name)
     model = Stack(shapes)
@@ -31,7 +32,7 @@ def federate(strategy_name, shapes, rank, weights, seed, alpha=None):
     mark_trainable(model)
     g = torch.Generator().manual_seed(seed)
     global_state = trainable_state(model)
-    meter = ExactnessMeter()
+    meter = ExactnessMeter(probes=probes)
     strategy.begin_round(model)
     meter.begin_round(model, snapshot_base=cls.modifies_base)
     payloads = []
@@ -81,6 +82,18 @@ def test_exact_baselines_are_exact(name, shapes, weights, seed):
 def test_fedit_is_inexact_and_says_so():
     _, _, errors, _ = federate("fedit", [(16, 12)], 4, [10, 20, 30], seed=0)
     assert max(errors.values()) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedsb", "fedex"])
+def test_probe_estimate_matches_full_matrices(name):
+    shapes = [(40, 30), (24, 36)]
+    _, _, full, _ = federate(name, shapes, 4, [10, 20, 30], seed=1, probes=0)
+    _, _, probed, _ = federate(name, shapes, 4, [10, 20, 30], seed=1, probes=32)
+    for k in full:
+        if full[k] > 1e-3:
+            assert 0.6 < probed[k] / full[k] < 1.6
+        else:
+            assert probed[k] <= 1e-5
 
 
 @settings(max_examples=30, deadline=None)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from fedsb.commands.comm import comm
 from fedsb.commands.evaluate import evaluate_command
+from fedsb.commands.results import results
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -58,6 +59,7 @@ def demo(
 
 app.command("comm")(comm)
 app.command("eval")(evaluate_command)
+app.command("results")(results)
 
 
 def main() -> None:  # pragma: no cover
