@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedsb.tasks import get_task
+from fedsb.evaluation import truncate_at_stop
 from fedsb.tasks.arithmetic import (
+    GSM_STOP_PATTERNS,
     extract_answer,
     extract_flexible,
     extract_hash,
@@ -30,13 +32,30 @@ DATA = default_data_root()
 
 # --------------------------------------------------------------------------- numbers
 
+
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("72", "72"), ("$1,234.50", "1234.5"), ("-7.", "-7"), ("18.0", "18"), ("18.000", "18"),
-        ("+5", "5"), ("0.50", "0.5"), (".5", "0.5"), ("3/4", "0.75"), ("6/3", "2"),
-        ("1/3", "1/3"), ("1,000,000", "1000000"), ("\u22123", "-3"), ("$ 5", "5"),
-        ("abc", None), ("", None), ("1/0", None), ("..", None), ("1.2.3", None), (None, None),
+        ("72", "72"),
+        ("$1,234.50", "1234.5"),
+        ("-7.", "-7"),
+        ("18.0", "18"),
+        ("18.000", "18"),
+        ("+5", "5"),
+        ("0.50", "0.5"),
+        (".5", "0.5"),
+        ("3/4", "0.75"),
+        ("6/3", "2"),
+        ("1/3", "1/3"),
+        ("1,000,000", "1000000"),
+        ("\u22123", "-3"),
+        ("$ 5", "5"),
+        ("abc", None),
+        ("", None),
+        ("1/0", None),
+        ("..", None),
+        ("1.2.3", None),
+        (None, None),
     ],
 )
 def test_normalize_number(text, expected):
@@ -72,8 +91,12 @@ def test_extract_metamath(text, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("so 72\n#### 72", "72"), ("#### -3", "-3"), ("#### 1,000", "1000"),
-        ("#### 5\n\nQuestion: ...\n#### 9", "5"), ("####$7.", "7"), ("no hashes 12", None),
+        ("so 72\n#### 72", "72"),
+        ("#### -3", "-3"),
+        ("#### 1,000", "1000"),
+        ("#### 5\n\nQuestion: ...\n#### 9", "5"),
+        ("####$7.", "7"),
+        ("no hashes 12", None),
     ],
 )
 def test_extract_hash(text, expected):
@@ -83,8 +106,12 @@ def test_extract_hash(text, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("#### 72.", "72"), ("#### -1,500", "-1500"), ("####72", None),
-        ("The answer is 5", None), ("#### 3\n#### 4", "3"), ("#### $5", None),
+        ("#### 72.", "72"),
+        ("#### -1,500", "-1500"),
+        ("####72", None),
+        ("The answer is 5", None),
+        ("#### 3\n#### 4", "3"),
+        ("#### $5", None),
     ],
 )
 def test_extract_strict_is_lm_eval_regex(text, expected):
@@ -96,8 +123,11 @@ def test_extract_strict_is_lm_eval_regex(text, expected):
     [
         ("I have 3 apples and 5 pears, total 8.", "8"),
         ("It costs $1,234.50 overall", "1234.5"),
-        ("-5", "-5"), ("7", "7"), ("x = -12 so", "-12"),
-        ("no digits here", None), ("ends with dots ..", None),
+        ("-5", "-5"),
+        ("7", "7"),
+        ("x = -12 so", "-12"),
+        ("no digits here", None),
+        ("ends with dots ..", None),
     ],
 )
 def test_extract_flexible_takes_last_number(text, expected):
@@ -114,16 +144,35 @@ def test_score_numeric_metrics_can_disagree():
     gen = "The answer is: 72\n#### 70"
     assert score_numeric(gen, "72") == {"correct": True, "strict": False, "flexible": False}
     assert score_numeric("so it is 72 dollars", "72") == {
-        "correct": False, "strict": False, "flexible": True,
+        "correct": False,
+        "strict": False,
+        "flexible": True,
     }
-    assert score_numeric("#### 1,000.", "1000") == {"correct": True, "strict": True, "flexible": True}
+    assert score_numeric("#### 1,000.", "1000") == {
+        "correct": True,
+        "strict": True,
+        "flexible": True,
+    }
     assert score_numeric("", "1") == {"correct": False, "strict": False, "flexible": False}
+
+
+def test_gsm_stop_patterns_end_at_the_first_finished_answer_line():
+    cut = lambda t: truncate_at_stop(t, (), GSM_STOP_PATTERNS)  # noqa: E731
+    assert cut("So 9 * 3 = 27.\n#### 27\n#### 27\n#### 2") == "So 9 * 3 = 27.\n#### 27\n"
+    assert cut("x\nThe answer is: 1,234.\nThe answer is: 5\n") == "x\nThe answer is: 1,234.\n"
+    assert cut("The answer is:\n the number of") == "The answer is:\n the number of"
+    assert cut("#### 27") == "#### 27"  # no newline yet: the number may go on
+    assert score_numeric(cut("The answer is: 8\nThe answer is: 9\n"), "8")["correct"]
 
 
 # --------------------------------------------------------------------------- GSM8K text
 
+
 def test_gsm8k_gold_and_metamath_rewrite():
-    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72.\n#### 1,072"
+    answer = (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "She sold 48+24 = <<48+24=72>>72.\n#### 1,072"
+    )
     assert gsm8k_gold(answer) == "1072"
     assert gsm8k_to_metamath(answer) == (
         "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72.\nThe answer is: 1,072"
@@ -137,6 +186,7 @@ def test_gsm8k_gold_and_metamath_rewrite():
 
 
 # --------------------------------------------------------------------------- MATH
+
 
 @pytest.mark.parametrize(
     "text, expected",
@@ -169,6 +219,7 @@ def test_math_verify_equal(generation, gold, expected):
 
 
 # --------------------------------------------------------------------------- io
+
 
 def test_jsonl_malformed_line_names_file_and_line(tmp_path):
     f = tmp_path / "train.jsonl"
@@ -209,7 +260,9 @@ def test_convert_errors_point_at_the_record(tmp_path):
     f = tmp_path / "gsm.jsonl"
     write_jsonl(f, [{"question": "q", "answer": "#### 1"}, {"question": "q", "answer": "no hash"}])
     task = get_task("gsm8k", path=f)
-    with pytest.raises(DataFormatError, match=r"gsm\.jsonl:2: expected the answer to end with '#### <number>'"):
+    with pytest.raises(
+        DataFormatError, match=r"gsm\.jsonl:2: expected the answer to end with '#### <number>'"
+    ):
         task.train_examples()
 
 
@@ -234,7 +287,10 @@ def test_seeded_subset():
 # --------------------------------------------------------------------------- loaders
 
 GSM_ROWS = [
-    {"question": f"Q{i}: what is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i:,}"}
+    {
+        "question": f"Q{i}: what is {i} + {i}?",
+        "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i:,}",
+    }
     for i in range(600, 610)
 ]
 
@@ -258,7 +314,12 @@ def test_gsm8k_loader(tmp_path):
 def test_metamath_loader_takes_first_n(tmp_path):
     f = tmp_path / "MetaMathQA-395K.json"
     rows = [
-        {"query": f"q{i}", "response": f"step\nThe answer is: {i}", "type": t, "original_question": "o"}
+        {
+            "query": f"q{i}",
+            "response": f"step\nThe answer is: {i}",
+            "type": t,
+            "original_question": "o",
+        }
         for i, t in enumerate(["GSM_AnsAug", "MATH_Rephrased", "GSM_SV"])
     ]
     write_json(f, rows)
@@ -281,11 +342,34 @@ def test_metamath_without_data_explains_how(monkeypatch, tmp_path):
 
 def test_math_cot_loader(tmp_path):
     train, test = tmp_path / "math.json", tmp_path / "gsm8k_test.json"
-    write_json(train, [
-        {"instruction": "Julia has 16 kids", "input": "", "output": "\nA: 16 - 12 = 4. The answer is 4.", "answer": "4.0"},
-        {"instruction": "Pick one", "input": "Options: A) 1 B) 2", "output": "A: B. The answer is B.", "answer": "B"},
-    ])
-    write_json(test, [{"instruction": "Tiles?", "input": "", "output": "... The answer is 576.", "answer": "576.0"}])
+    write_json(
+        train,
+        [
+            {
+                "instruction": "Julia has 16 kids",
+                "input": "",
+                "output": "\nA: 16 - 12 = 4. The answer is 4.",
+                "answer": "4.0",
+            },
+            {
+                "instruction": "Pick one",
+                "input": "Options: A) 1 B) 2",
+                "output": "A: B. The answer is B.",
+                "answer": "B",
+            },
+        ],
+    )
+    write_json(
+        test,
+        [
+            {
+                "instruction": "Tiles?",
+                "input": "",
+                "output": "... The answer is 576.",
+                "answer": "576.0",
+            }
+        ],
+    )
     task = get_task("math_cot", path=train, eval_path=test)
     ex = task.train_examples()
     assert ex[0].response == "A: 16 - 12 = 4. The answer is 4." and ex[0].key == "1"
@@ -300,10 +384,18 @@ def test_math_cot_loader(tmp_path):
 
 def test_math_loader_and_grading(tmp_path):
     f = tmp_path / "test.jsonl"
-    write_jsonl(f, [
-        {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 1", "type": "Algebra"},
-        {"problem": "2+2?", "solution": "$\\boxed{4}$", "answer": "4", "subject": "Prealgebra"},
-    ])
+    write_jsonl(
+        f,
+        [
+            {
+                "problem": "Half of 1?",
+                "solution": "It is $\\boxed{\\frac{1}{2}}$.",
+                "level": "Level 1",
+                "type": "Algebra",
+            },
+            {"problem": "2+2?", "solution": "$\\boxed{4}$", "answer": "4", "subject": "Prealgebra"},
+        ],
+    )
     task = get_task("math", eval_path=f, path=f)
     ev = task.eval_examples()
     assert [e.gold for e in ev] == ["\\frac{1}{2}", "4"]

@@ -36,7 +36,10 @@ def test_extract_choice(text, family, expected):
 
 
 def test_option_labels_and_families():
-    instr = "Q?\n\nAnswer1: a Answer2: b Answer3: c Answer4: d Answer5: e\n\nAnswer format: answer1/answer2/answer3/answer4/answer5"
+    instr = (
+        "Q?\n\nAnswer1: a Answer2: b Answer3: c Answer4: d Answer5: e\n\n"
+        "Answer format: answer1/answer2/answer3/answer4/answer5"
+    )
     assert option_labels(instr, ()) == tuple(f"answer{i}" for i in range(1, 6))
     assert option_labels("Q without format", ("x", "y")) == ("x", "y")
     assert label_family("ending3") == "ending" and label_family("false") == "bool"
@@ -102,7 +105,10 @@ def test_missing_split_and_malformed_records(root, tmp_path):
     with pytest.raises(FileNotFoundError, match="no data for piqa train"):
         get_task("piqa", data_root=root).train_examples()
     bad = tmp_path / "bad.json"
-    rows = [_rec("ok", ["answer1", "answer2"], "answer1"), _rec("x", ["answer1", "answer2"], "answer4")]
+    rows = [
+        _rec("ok", ["answer1", "answer2"], "answer1"),
+        _rec("x", ["answer1", "answer2"], "answer4"),
+    ]
     write_json(bad, rows)
     with pytest.raises(DataFormatError) as e:
         get_task("obqa", eval_path=bad).eval_examples()
@@ -125,7 +131,10 @@ def test_commonsense_mix(root, tmp_path):
     assert task.score("option1", wino) == {"correct": True, "winogrande": True}
     # commonsense_170k-style file: families are inferred from the labels
     f = tmp_path / "commonsense_170k.json"
-    write_json(f, [_rec("b", ["true", "false"], "false"), _rec("p", ["solution1", "solution2"], "solution2")])
+    write_json(
+        f,
+        [_rec("b", ["true", "false"], "false"), _rec("p", ["solution1", "solution2"], "solution2")],
+    )
     mixed = get_task("commonsense_mix", path=f, eval_path=f)
     assert [e.key for e in mixed.train_examples()] == ["false", "solution2"]
     ev = mixed.eval_examples()
@@ -146,7 +155,13 @@ needs_data = pytest.mark.skipif(
 @needs_data
 @pytest.mark.parametrize(
     "name, n_test, n_train",
-    [("boolq", 3270, 9427), ("arc_c", 1172, 1119), ("arc_e", 2376, 2251), ("obqa", 500, 4957), ("piqa", 1838, None)],
+    [
+        ("boolq", 3270, 9427),
+        ("arc_c", 1172, 1119),
+        ("arc_e", 2376, 2251),
+        ("obqa", 500, 4957),
+        ("piqa", 1838, None),
+    ],
 )
 def test_real_commonsense(name, n_test, n_train):
     task = get_task(name)

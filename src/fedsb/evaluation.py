@@ -1,14 +1,16 @@
 """Fast evaluation: batched greedy generation, option ranking by log-likelihood, accuracy.
 
 Speed matters because evaluation runs after every federated round on a CPU: prompts are
-sorted by length so a batch wastes little padding, each batch stops as soon as every sequence
-hit EOS or a stop string, and on CPUs with native bf16 the model runs under bf16 autocast.
+sorted by length so a batch wastes little padding, a sequence leaves its batch (and the KV
+cache) as soon as it hits EOS or a stop string, and on hardware with native bf16 the weights
+are cast to bf16 for the duration of the call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torch
 from fedsb.tasks.base import EvalExample, Task
 from fedsb.tasks.prompts import render_prompt
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "autocast")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -54,38 +56,60 @@ def _bf16_native(device: torch.device) -> bool:
     return False
 
 
-def autocast_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None:
-    """The autocast dtype for `precision` on the model's device; None means run as stored.
+def inference_precision(model: torch.nn.Module, precision: str) -> str:
+    """How to run: "as_is", "bf16" (weights cast for the call) or "autocast" (bf16 autocast).
 
-    "auto" picks bf16 only where the hardware does bf16 natively and the model is in fp32
-    (emulated bf16 is slower than fp32).
+    "auto" means "bf16" where the hardware does bf16 natively and the model is stored in fp32
+    (emulated bf16 is slower than fp32). "bf16" beats autocast for generation: autocast re-casts
+    activations around every op and frozen weights on every call, which dominates a decode
+    step on CPU (measured 2-3x slower steps than bf16 weights, no faster than fp32).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    device = _device(model)
+        return "as_is"
+    if precision in ("bf16", "autocast"):
+        return precision
     param = next(model.parameters(), None)
-    if param is not None and param.dtype != torch.float32:
-        return None
-    return torch.bfloat16 if _bf16_native(device) else None
+    if param is None or param.dtype != torch.float32:
+        return "as_is"
+    return "bf16" if _bf16_native(_device(model)) else "as_is"
+
+
+@contextlib.contextmanager
+def bf16_weights(model: torch.nn.Module) -> Iterator[None]:
+    """fp32 parameters temporarily in bf16; the originals come back, not a lossy round trip.
+
+    Buffers (e.g. rotary frequencies) stay fp32. Costs one bf16 copy of the weights.
+    """
+    saved = []
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype == torch.float32:
+                saved.append((p, p.data))
+                p.data = p.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, data in saved:
+                p.data = data
 
 
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module, precision: str) -> Iterator[None]:
-    """eval mode + inference_mode + optional autocast; restores training mode afterwards."""
+    """eval mode + inference_mode + the precision; restores training mode and weights."""
     was_training = model.training
-    dtype = autocast_dtype(model, precision)
+    mode = inference_precision(model, precision)
+    weights = bf16_weights(model) if mode == "bf16" else contextlib.nullcontext()
     cast = (
-        torch.autocast(_device(model).type, dtype=dtype)
-        if dtype is not None
+        torch.autocast(_device(model).type, dtype=torch.bfloat16)
+        if mode == "autocast"
         else contextlib.nullcontext()
     )
     model.eval()
     try:
-        with torch.inference_mode(), cast:
+        with weights, torch.inference_mode(), cast:
             yield
     finally:
         model.train(was_training)
@@ -119,7 +143,9 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    seqs: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -130,13 +156,19 @@ def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
-def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """`text` up to (not including) the earliest stop string."""
+def truncate_at_stop(
+    text: str, stop_strings: Sequence[str], stop_patterns: Sequence[str | re.Pattern[str]] = ()
+) -> str:
+    """`text` up to the earliest stop string (excluded) or stop-pattern match (included)."""
     cut = len(text)
     for s in stop_strings:
         i = text.find(s)
         if s and 0 <= i < cut:
             cut = i
+    for pat in stop_patterns:
+        m = re.search(pat, text)
+        if m and m.end() < cut:
+            cut = m.end()
     return text[:cut]
 
 
@@ -176,24 +208,79 @@ class Generations:
     wall_s: float
 
 
-def generate_with_stats(
+def _forward(model: torch.nn.Module, **kw: Any) -> Any:
+    """One forward pass computing logits for the last position only, where supported."""
+    try:
+        return model(**kw, logits_to_keep=1)
+    except TypeError:  # a wrapper without logits_to_keep
+        return model(**kw)
+
+
+def _greedy_decode(
     model: torch.nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
-    *,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
     max_new_tokens: int,
-    stop_strings: Sequence[str] = (),
-    batch_size: int = 16,
-    progress: bool = True,
-    precision: str = "auto",
-) -> Generations:
-    """`generate`, also returning how many tokens were generated (up to EOS/stop)."""
-    start = time.perf_counter()
-    encoded = [_encode(tokenizer, p) for p in prompts]
-    # Longest first: the biggest batch (most memory) runs first and padding stays small.
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    device, pad_id, eos = _device(model), _pad_id(model, tokenizer), _eos_ids(model, tokenizer)
-    stops = [s for s in stop_strings if s]
+    eos: set[int],
+    stops: Sequence[str],
+    patterns: Sequence[re.Pattern[str]] = (),
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch with the KV cache; new token ids per row.
+
+    A row leaves the batch (and the cache) as soon as it emits EOS, completes a stop string
+    or matches a stop pattern, so the remaining rows run cheaper where a step's cost grows
+    with the rows still running. Patterns (regexes) are what `model.generate` cannot do.
+    """
+    rows = ids.shape[0]
+    new: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens <= 0:
+        return new
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    last = pos[:, -1:]
+    active = list(range(rows))
+    # Tail of a row re-decoded each step: a stop string spans at most len(s) tokens (plus a
+    # partial UTF-8 token or two); answer-line patterns fit in 64 tokens.
+    window = max(max((len(s) + 2 for s in stops), default=0), 64 if patterns else 0)
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        keep = []
+        for r, (row, tok) in enumerate(zip(active, nxt.tolist())):
+            new[row].append(tok)
+            if tok in eos:
+                continue
+            if window:
+                tail = tokenizer.decode(new[row][-window:], skip_special_tokens=True)
+                if any(s in tail for s in stops) or any(p.search(tail) for p in patterns):
+                    continue
+            keep.append(r)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active) and hasattr(cache, "batch_select_indices"):
+            sel = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(sel)
+            nxt, mask, last = nxt[sel], mask[sel], last[sel]
+            active = [active[r] for r in keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        last = last + 1
+        out = _forward(model, input_ids=nxt[:, None], attention_mask=mask, position_ids=last,
+                       cache=cache, use_cache=True)
+    return new
+
+
+def _hf_generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    stops: Sequence[str],
+    pad_id: int,
+) -> list[list[int]]:
+    """The same through `model.generate` (reference; keeps finished rows in the batch)."""
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
         pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
@@ -201,24 +288,62 @@ def generate_with_stats(
     if eos:
         kwargs["eos_token_id"] = sorted(eos)
     if stops:
-        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
+        kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        n = len(row)
+        for t, tok in enumerate(row):
+            if tok in eos or tok == pad_id:
+                n = t + (1 if tok in eos else 0)
+                break
+        rows.append(row[:n])
+    return rows
+
+
+def generate_with_stats(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    stop_patterns: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: bool = True,
+    precision: str = "auto",
+    engine: str = "fast",
+) -> Generations:
+    """`generate`, also returning how many tokens were generated (up to EOS/stop).
+
+    engine="fast" is the shrinking-batch loop above; "hf" runs `model.generate`, which
+    cannot stop on patterns (their truncation is applied afterwards, so texts agree).
+    """
+    if engine not in ("fast", "hf"):
+        raise ValueError(f"unknown engine {engine!r}; allowed: fast, hf")
+    start = time.perf_counter()
+    encoded = [_encode(tokenizer, p) for p in prompts]
+    # Longest first: the biggest batch (most memory) runs first and padding stays small.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    device, pad_id, eos = _device(model), _pad_id(model, tokenizer), _eos_ids(model, tokenizer)
+    stops = [s for s in stop_strings if s]
+    patterns = [re.compile(p) for p in stop_patterns]
     texts: list[str] = [""] * len(prompts)
     total = 0
     with _inference(model, precision), _progress(progress, "generate") as bar:
         task_id = bar.add_task("gen", total=len(prompts), rate="") if bar else None
         for idx in _batches(order, batch_size):
             ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            new = out[:, ids.shape[1]:].tolist()
-            for row, i in zip(new, idx):
-                n = len(row)
-                for t, tok in enumerate(row):
-                    if tok in eos or tok == pad_id:
-                        n = t + (1 if tok in eos else 0)
-                        break
-                total += n
-                text = tokenizer.decode(row[:n], skip_special_tokens=True)
-                texts[i] = truncate_at_stop(text, stops)
+            if engine == "fast":
+                rows = _greedy_decode(
+                    model, tokenizer, ids, mask, max_new_tokens, eos, stops, patterns
+                )
+            else:
+                rows = _hf_generate(model, tokenizer, ids, mask, max_new_tokens, eos, stops, pad_id)
+            for row, i in zip(rows, idx):
+                total += len(row)
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                texts[i] = truncate_at_stop(text, stops, patterns)
             if bar is not None:
                 rate = total / max(time.perf_counter() - start, 1e-9)
                 bar.update(task_id, advance=len(idx), rate=f"{rate:.0f} tok/s")
@@ -232,18 +357,22 @@ def generate(
     *,
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
+    stop_patterns: Sequence[str] = (),
     batch_size: int = 16,
     progress: bool = True,
     precision: str = "auto",
+    engine: str = "fast",
 ) -> list[str]:
-    """Greedy continuations of `prompts` (in input order), cut before the first stop string.
+    """Greedy continuations of `prompts` (in input order), cut before the first stop string
+    or after the first match of a stop pattern (regex).
 
-    Batched with left padding and the KV cache; a batch ends once all of its sequences have
-    produced EOS or a stop string.
+    Batched with left padding and the KV cache; a sequence leaves its batch once it has
+    produced EOS or a stop string, and the batch ends when none is left.
     """
     return generate_with_stats(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
-        batch_size=batch_size, progress=progress, precision=precision,
+        stop_patterns=stop_patterns, batch_size=batch_size, progress=progress,
+        precision=precision, engine=engine,
     ).texts
 
 
@@ -365,7 +494,8 @@ def evaluate(
     if mode == "generate":
         gens = generate_with_stats(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens or task.max_new_tokens,
-            stop_strings=task.stop_strings, batch_size=batch_size, progress=progress,
+            stop_strings=task.stop_strings, stop_patterns=getattr(task, "stop_patterns", ()),
+            batch_size=batch_size, progress=progress,
             precision=precision,
         )
         predictions, tokens = gens.texts, gens.tokens

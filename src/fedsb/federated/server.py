@@ -70,7 +70,7 @@ def build_federation(config: ExperimentConfig) -> Federation:
     cfg = config
     model, tokenizer = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed)
     task = get_task(cfg.task.name, **cfg.task.options)
-    template = cfg.task.template or getattr(task, "default_template", "alpaca")
+    template = cfg.task.template or getattr(task, "template", None) or getattr(task, "default_template", "alpaca")
     train = task.train_examples(limit=cfg.task.train_limit or None, seed=cfg.seed)
     eval_examples = load_eval_sets(cfg, task) if cfg.task.eval_mode != "none" else []
     classification = bool(train) and isinstance(train[0], PairExample)
@@ -312,14 +312,14 @@ def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, A
     if custom is not None:
         result = custom(fed.model, fed.tokenizer, examples, batch_size=cfg.eval_batch_size, precision=fed.precision)
     else:
-        from fedsb.evaluation import evaluate
+        from fedsb.evaluation import evaluate, task_template
 
         result = evaluate(
             fed.model,
             fed.tokenizer,
             task,
             examples,
-            template=cfg.template or getattr(task, "default_template", fed.template),
+            template=task_template(task, cfg.template),
             batch_size=cfg.eval_batch_size,
             max_new_tokens=cfg.max_new_tokens,
             mode=cfg.eval_mode,

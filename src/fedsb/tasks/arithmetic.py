@@ -202,6 +202,12 @@ def math_verify_equal(generation: str, gold: str) -> bool:
 # --------------------------------------------------------------------------- tasks
 
 GSM_STOP = ("### Instruction", "### Response", "\nQuestion:", "\n\n\n")
+# A finished final-answer line: what follows is run-on text (often the same line repeated),
+# so generation ends there; saves most of the budget for models that do not emit EOS.
+GSM_STOP_PATTERNS = (
+    r"[Tt]he (?:final )?answer is:?[^\n]*\d[^\n]*\n",
+    r"####[^\n]*\d[^\n]*\n",
+)
 
 
 class _NumericTask(Task):
@@ -209,6 +215,7 @@ class _NumericTask(Task):
 
     default_template: ClassVar[str] = "alpaca_math"
     stop_strings: ClassVar[tuple[str, ...]] = GSM_STOP
+    stop_patterns: ClassVar[tuple[str, ...]] = GSM_STOP_PATTERNS
     metric_names: ClassVar[tuple[str, ...]] = ("correct", "strict", "flexible")
 
     def __init__(

@@ -46,6 +46,9 @@ class Task(ABC):
     name: ClassVar[str]
     max_new_tokens: ClassVar[int] = 256
     stop_strings: ClassVar[tuple[str, ...]] = ()
+    # Regexes that end a generation once matched (the match is kept): e.g. a completed
+    # "The answer is: N" line, after which a model only rambles.
+    stop_patterns: ClassVar[tuple[str, ...]] = ()
     # Prompt template (see fedsb.tasks.prompts) used when the caller names none; an instance
     # may carry its own `template` attribute, which takes precedence.
     default_template: ClassVar[str] = "alpaca"

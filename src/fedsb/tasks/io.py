@@ -214,7 +214,9 @@ def missing_data_error(what: str, default_rel: str | None, hub: str | None) -> F
     """The error for a task whose data is nowhere: says every way to provide it."""
     ways = ["pass path=<file>"]
     if default_rel:
-        ways.append(f"put it at <data root>/{default_rel} (data root: ${DATA_ENV} or ../shared/data)")
+        ways.append(
+            f"put it at <data root>/{default_rel} (data root: ${DATA_ENV} or ../shared/data)"
+        )
     if hub:
         ways.append(f"`pip install datasets` and be online to fetch {hub!r} from the hub")
     return FileNotFoundError(f"no data for {what}: " + "; or ".join(ways))

@@ -12,6 +12,7 @@ import warnings
 from typing import Any, ClassVar
 
 from fedsb.tasks.arithmetic import (
+    GSM_STOP_PATTERNS,
     extract_answer,
     extract_flexible,
     gsm8k_to_metamath,
@@ -80,6 +81,7 @@ class Arith(Task):
         self.exclude_eval_overlap = exclude_eval_overlap
         # Answer-only replies are a few tokens; a worked solution needs room.
         self.max_new_tokens = max_new_tokens or (256 if cot else 16)
+        self.stop_patterns = GSM_STOP_PATTERNS if cot else ()
         self._eval_pool: list[dict[str, Any]] | None = None
 
     def _items(self, size: int, seed: int) -> list[dict[str, Any]]:
@@ -112,22 +114,24 @@ class Arith(Task):
         n = self.train_size if limit is None else limit
         base = 2 * seed * _STRIDE
         seen = {it["question"] for it in self._pool()} if self.exclude_eval_overlap else set()
-        out: list[Example] = []
-        size = n
+        size, out, dropped = n, [], 0
         while True:  # top up when test-pool duplicates were dropped
             items = self._items(size, base)
+            kept = [it for it in items if it["question"] not in seen]
+            dropped = len(items) - len(kept)
             out = [
                 Example(it["question"], self._response(it), key=self._key(it))
-                for it in items if it["question"] not in seen
-            ][:n]
+                for it in kept[:n]
+            ]
             if len(out) >= n or size >= 8 * n + 1000:
                 break
             size *= 2
-        if len(out) < n:
+        if len(out) < n or dropped > len(items) // 2:
             warnings.warn(
-                f"arith: only {len(out)} of {n} training problems are not in the test pool; "
-                "the generator's problem space is small (raise the difficulty, or "
-                "exclude_eval_overlap=False)",
+                f"arith: {dropped} of {len(items)} generated training problems were in the test "
+                f"pool (kept {len(out)} of {n} wanted): the generator's problem space is small, "
+                "so training repeats few problems; raise the difficulty, or "
+                "exclude_eval_overlap=False",
                 stacklevel=2,
             )
         return out
