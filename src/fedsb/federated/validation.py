@@ -1,0 +1,129 @@
+"""Screen client uploads before they reach a strategy: one rule set for every engine.
+
+A federation that aggregates whatever arrives can be broken by one client: a NaN poisons the
+mean, a wrong shape crashes the round, an oversized payload exhausts memory, a huge update
+drags the global R anywhere. `validate_update` turns each of these into a `PayloadError` whose
+message names the reason, so the server can log it, drop that client and finish the round.
+
+Checks run cheapest first and never unpickle: size, then the safetensors header (keys, shapes,
+dtypes), then the data (finite values), then the norm. The norm is measured on the *update*
+(upload minus the global state the client started from) when that state is given, because
+R itself is not small and only its change says how far a client moved. No flwr import here:
+the in-process engine and the Flower apps share this module.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedsb.federated import comm
+from fedsb.federated.comm import PayloadError
+
+__all__ = ["PayloadError", "validate_update", "update_norm", "check_norm", "expected_upload_bytes", "clip_to_norm"]
+
+_ST_OF_WIRE = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+
+
+def expected_upload_bytes(expected_shapes: Mapping[str, tuple[int, ...]], wire_dtype: str = "fp32") -> int:
+    """The exact size of an honest upload: safetensors' layout is deterministic, so any other
+    size is malformed and a larger one is refused before parsing."""
+    return comm.encoded_size(expected_shapes, wire_dtype)
+
+
+def update_norm(tensors: Mapping[str, Tensor], base: Mapping[str, Tensor] | None = None) -> float:
+    """L2 norm over all tensors of (tensors - base), or of tensors when no base is given."""
+    total = 0.0
+    for key, value in tensors.items():
+        delta = value.double()
+        if base is not None and key in base:
+            delta = delta - base[key].double()
+        total += float(delta.pow(2).sum())
+    return math.sqrt(total)
+
+
+def clip_to_norm(tensors: Mapping[str, Tensor], bound: float, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Scale the update (tensors - base) down to L2 norm `bound`; unchanged if already within."""
+    norm = update_norm(tensors, base)
+    if norm <= bound or norm == 0.0:
+        return dict(tensors)
+    scale = bound / norm
+    out: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        ref = base[key].to(value.dtype) if base is not None and key in base else torch.zeros_like(value)
+        out[key] = ref + (value - ref) * scale
+    return out
+
+
+def check_norm(
+    norm: float,
+    reference_norms: Sequence[float] | None,
+    *,
+    outlier_factor: float = 20.0,
+    floor: float = 1e-8,
+) -> None:
+    """Reject a norm far above the others: more than `outlier_factor` x their median.
+
+    The median (not the mean) is the reference so that one hostile client cannot raise the bar
+    for itself or for a colluder. `floor` keeps a round of near-zero updates from flagging a
+    client whose update is merely small but not zero.
+    """
+    if not math.isfinite(norm):
+        raise PayloadError(f"update norm is {norm}")
+    if not reference_norms or outlier_factor <= 0:
+        return
+    median = statistics.median(reference_norms)
+    limit = outlier_factor * max(median, floor)
+    if norm > limit:
+        raise PayloadError(
+            f"update norm {norm:.4g} is more than {outlier_factor:g}x the median {median:.4g} of the other clients"
+        )
+
+
+def _check_dtypes(payload: bytes, expected_dtype: str) -> None:
+    header, _ = comm._parse_header(payload)  # noqa: SLF001  (header-only parse, no data touched)
+    want = _ST_OF_WIRE.get(expected_dtype, expected_dtype)
+    for name, info in header.items():
+        if info.get("dtype") != want:
+            raise PayloadError(f"tensor {name!r} has dtype {info.get('dtype')}, expected {want}")
+
+
+def validate_update(
+    payload: bytes,
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    max_bytes: int | None,
+    norm_bound: float | None = None,
+    reference_norms: Sequence[float] | None = None,
+    *,
+    expected_dtype: str | None = None,
+    base: Mapping[str, Tensor] | None = None,
+    outlier_factor: float = 20.0,
+) -> dict[str, Tensor]:
+    """Parse and check one client upload; return its fp32 tensors or raise `PayloadError`.
+
+    - `max_bytes`: refuse larger payloads before parsing (`expected_upload_bytes` is exact).
+    - `expected_shapes`: exactly these tensor names with these shapes, nothing more or less.
+    - `expected_dtype`: the wire dtype ("fp32", "bf16", "fp16"); any other float is refused.
+    - NaN or Inf anywhere: refused.
+    - `reference_norms`: the update norms of the round's other clients; an update more than
+      `outlier_factor` x their median is refused (see `check_norm`).
+    - `norm_bound`: an accepted update is clipped (not refused) to this L2 norm, measured
+      against `base` (the global state the client started from) when given.
+    """
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
+    payload = bytes(payload)
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
+    if expected_dtype is not None:
+        _check_dtypes(payload, expected_dtype)
+    tensors, _ = comm.decode(payload, expected=expected_shapes, max_bytes=max_bytes)
+    norm = update_norm(tensors, base)
+    check_norm(norm, reference_norms, outlier_factor=outlier_factor)
+    if norm_bound is not None and norm_bound > 0:
+        tensors = clip_to_norm(tensors, norm_bound, base)
+    return tensors

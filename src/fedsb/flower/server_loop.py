@@ -1,0 +1,441 @@
+"""The deployment round loop: the in-process engine's round, with the network in the middle.
+
+Same building blocks as `fedsb.federated.server.run_experiment` (build_federation,
+initialize_adapter, Strategy.begin_round/add/finish, evaluate_federation, save_checkpoint,
+summarize), so the results folder has the same files and the same numbers. What the network
+adds is handled here:
+
+- discovery: map SuperNodes to partitions (each reports its `partition-id`) and ship the config
+  and, once, the frozen B, A;
+- a deadline per round (`round-timeout`) and a quorum (`min-replies`): late, crashed and
+  disconnected clients are logged as missing, the round goes on with the others;
+- every upload is screened by `fedsb.federated.validation` before it reaches the strategy;
+- a checkpoint after every completed round (global R, round, RNG state, ledger, metrics);
+  `resume = true` continues from it and ends with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+from torch import Tensor
+
+from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
+from fedsb.adapter.inject import trainable_state
+from fedsb.config import ConfigError, ExperimentConfig, dump_config
+from fedsb.federated import comm
+from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
+from fedsb.federated.exactness import ExactnessMeter
+from fedsb.federated.partition import sample_clients
+from fedsb.federated.server import Federation, build_federation, evaluate_federation, initialize_adapter, summarize
+from fedsb.federated.validation import PayloadError, check_norm, clip_to_norm, expected_upload_bytes, update_norm, validate_update
+from fedsb.flower import codec, task
+from fedsb.flower.messaging import CountingGrid, exchange
+from fedsb.flower.protocol import (
+    CONFIG_RECORD,
+    DOWNLOAD_RECORD,
+    FROZEN_RECORD,
+    METRICS_RECORD,
+    MISSING_SETUP,
+    NODE_RECORD,
+    SETUP_MESSAGE_TYPE,
+    SETUP_RECORD,
+    UPDATE_RECORD,
+)
+
+log = logging.getLogger("fedsb.flower")
+SUPPORTED_STRATEGIES = ("fedsb", "fedit", "ffa")
+
+
+class RoundFailed(RuntimeError):
+    """Fewer accepted updates than `min-replies`: the run stops at the last checkpoint."""
+
+
+def check_supported(config: ExperimentConfig, settings: task.RunSettings) -> None:
+    """Refuse, with the reason, what the deployment engine does not do (yet)."""
+    if config.federation.strategy not in SUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"federation.strategy = {config.federation.strategy!r}: the Flower engine runs {', '.join(SUPPORTED_STRATEGIES)}; "
+            "FedEx and FLoRA fold updates into every client's base weights, which needs client-side state across rounds"
+        )
+    if config.train.keep_optimizer_state:
+        raise ConfigError("train.keep_optimizer_state = true is not supported by the Flower engine (clients are stateless between rounds)")
+    if config.privacy.enabled:
+        raise ConfigError("privacy.enabled = true is not supported by the Flower engine yet")
+    if settings.secagg and config.federation.strategy != "fedsb":
+        raise ConfigError("secagg = true is wired for Fed-SB only (its aggregate is a plain weighted mean)")
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG the server touches, JSON-ready (for the checkpoint's meta)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+class FlowerServer:
+    """One run of the ServerApp: discovery, setup, rounds, results."""
+
+    def __init__(self, grid: Grid, context: Context, settings: task.RunSettings) -> None:
+        self.grid = CountingGrid(grid)
+        self.context = context
+        self.settings = settings
+        self.config = task.experiment_config(settings)
+        check_supported(self.config, settings)
+        self.config_text = task.config_text(self.config)
+        self.config_sha = task.sha256(self.config_text)
+        self.out_dir = Path(settings.out_dir).expanduser().resolve()
+        self.node_of: dict[int, int] = {}  # partition id -> node id
+        self.needs_setup: set[int] = set()  # partitions whose node must get setup again
+        self.frozen_sha = ""
+        self.frozen: bytes | None = None
+        self.events: list[dict[str, Any]] = []
+        self.ledger = comm.CommLedger()
+        self.resending = False  # True once the first setup is done: later B, A sends are re-sends
+
+    # --- logging -------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        """A line in the server log and in `flower_events.jsonl` (missing, rejected, ...)."""
+        row = {"event": kind, "time": time.time(), **fields}
+        self.events.append(row)
+        log.warning("%s %s", kind, json.dumps(fields, default=str))
+        with open(self.out_dir / "flower_events.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+    # --- discovery and setup -------------------------------------------------------------
+
+    def _wait_for_nodes(self) -> list[int]:
+        want = self.settings.min_nodes or self.config.federation.num_clients
+        deadline = time.perf_counter() + self.settings.discovery_timeout
+        nodes = sorted(self.grid.get_node_ids())
+        while len(nodes) < want and time.perf_counter() < deadline:
+            time.sleep(0.5)
+            nodes = sorted(self.grid.get_node_ids())
+        if not nodes:
+            raise RoundFailed(f"no SuperNode connected within {self.settings.discovery_timeout:.0f} s")
+        if len(nodes) < want:
+            self._event("few-nodes", connected=len(nodes), wanted=want)
+        return nodes
+
+    def _setup_message(self, node_id: int, with_frozen: bool) -> Message:
+        content = RecordDict(
+            {SETUP_RECORD: ConfigRecord({"config-toml": self.config_text, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha})}
+        )
+        if with_frozen and self.frozen is not None:
+            content[FROZEN_RECORD] = codec.payload_record(self.frozen)
+            if self.resending:  # the first broadcast is counted by initialize_adapter, as in simulation
+                self.ledger.record_one_time("init_rebroadcast", len(self.frozen))
+        return Message(content, dst_node_id=node_id, message_type=SETUP_MESSAGE_TYPE, ttl=self.settings.discovery_timeout + 60)
+
+    def _setup(self, node_ids: list[int], with_frozen: bool) -> None:
+        """Send config (and frozen B, A) to nodes; learn which partition each node holds."""
+        ex = exchange(self.grid, [self._setup_message(n, with_frozen) for n in node_ids], timeout=self.settings.discovery_timeout)
+        lacking: list[int] = []
+        for nid, reply in ex.replies:
+            if reply.has_error():
+                self._event("setup-failed", node=nid, reason=reply.error.reason)
+                continue
+            info = reply.content.config_records[NODE_RECORD]
+            pid = int(info["partition-id"])
+            if not 0 <= pid < self.config.federation.num_clients:
+                self._event("bad-partition", node=nid, partition=pid)
+                continue
+            if pid in self.node_of and self.node_of[pid] != nid:
+                self._event("duplicate-partition", node=nid, partition=pid, kept=self.node_of[pid])
+                continue
+            self.node_of[pid] = nid
+            self.needs_setup.discard(pid)
+            if self.frozen is not None and not bool(info["has-frozen"]):
+                lacking.append(nid)
+        for nid in ex.unanswered:
+            self._event("setup-timeout", node=nid)
+        self.resending = True
+        if lacking and not with_frozen:
+            self._setup(lacking, with_frozen=True)
+
+    # --- one round -----------------------------------------------------------------------
+
+    def _round_message(self, node_id: int, round_index: int, download: bytes, message_type: str) -> Message:
+        content = RecordDict(
+            {
+                DOWNLOAD_RECORD: codec.payload_record(download),
+                CONFIG_RECORD: ConfigRecord({"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha}),
+            }
+        )
+        return Message(content, dst_node_id=node_id, message_type=message_type, group_id=str(round_index + 1), ttl=self.settings.round_timeout + 60)
+
+    def _screen(self, fed: Federation, replies: dict[int, Message], shapes: dict[str, tuple[int, ...]], base: dict[str, Tensor], round_index: int) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, float]], dict[int, str], dict[int, int]]:
+        """Parse and check every reply; return accepted updates, their metrics, rejections, sizes."""
+        wire = self.config.federation.wire_dtype
+        max_bytes = expected_upload_bytes(shapes, wire)
+        parsed: dict[int, dict[str, Tensor]] = {}
+        metrics: dict[int, dict[str, float]] = {}
+        rejected: dict[int, str] = {}
+        sizes: dict[int, int] = {}
+        for pid, reply in sorted(replies.items()):
+            try:
+                record = reply.content.array_records.get(UPDATE_RECORD)
+                payload = codec.payload_from_record(record, max_bytes=max_bytes)
+                sizes[pid] = len(payload)
+                parsed[pid] = validate_update(payload, shapes, max_bytes, expected_dtype=wire, base=base)
+                metrics[pid] = dict(reply.content.metric_records[METRICS_RECORD])
+            except (PayloadError, KeyError) as e:
+                rejected[pid] = str(e)
+        norms = {pid: update_norm(t, base) for pid, t in parsed.items()}
+        for pid in list(parsed):
+            others = [n for q, n in norms.items() if q != pid]
+            try:
+                check_norm(norms[pid], others, outlier_factor=self.settings.outlier_factor)
+            except PayloadError as e:
+                rejected[pid] = str(e)
+        accepted = {pid: t for pid, t in parsed.items() if pid not in rejected}
+        if self.settings.norm_bound > 0:
+            accepted = {pid: clip_to_norm(t, self.settings.norm_bound, base) for pid, t in accepted.items()}
+        for pid, reason in sorted(rejected.items()):
+            self._event("rejected", round=round_index + 1, partition=pid, reason=reason)
+        return accepted, {p: metrics[p] for p in accepted}, rejected, sizes
+
+    def _plain_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> dict[str, Any]:
+        base = task.global_state_from_download(fed, download)
+        shapes = {k: tuple(v.shape) for k, v in base.items()}
+        live = [pid for pid in sampled if pid in self.node_of and pid not in self.needs_setup]
+        missing: dict[int, str] = {pid: "no SuperNode holds this partition" for pid in sampled if pid not in live}
+        messages = [self._round_message(self.node_of[pid], round_index, download, "train") for pid in live]
+        pid_of = {self.node_of[pid]: pid for pid in live}
+        for pid in live:
+            ledger.record_down(round_index, pid, len(download))
+        ex = exchange(self.grid, messages, timeout=self.settings.round_timeout)
+        replies: dict[int, Message] = {}
+        for nid, reply in ex.replies:
+            pid = pid_of[nid]
+            if reply.has_error():
+                reason = reply.error.reason
+                if MISSING_SETUP in reason:
+                    self.needs_setup.add(pid)
+                missing[pid] = f"client error: {reason.strip().splitlines()[-1] if reason.strip() else reason}"
+            else:
+                replies[pid] = reply
+        for nid in ex.unanswered:
+            missing[pid_of[nid]] = f"no reply within round-timeout = {self.settings.round_timeout:g} s"
+        for pid, reason in sorted(missing.items()):
+            self._event("missing", round=round_index + 1, partition=pid, reason=reason)
+        t0 = time.perf_counter()
+        accepted, metrics, rejected, sizes = self._screen(fed, replies, shapes, base, round_index)
+        for pid, nbytes in sizes.items():
+            ledger.record_up(round_index, pid, nbytes)
+        if len(accepted) < max(1, self.settings.min_replies):
+            raise RoundFailed(
+                f"round {round_index + 1}: {len(accepted)} accepted updates of {len(sampled)} sampled, min-replies = {self.settings.min_replies}"
+            )
+        for pid, update in sorted(accepted.items()):
+            if meter is not None:
+                fed.strategy.load_global(fed.model, update)
+                meter.add_client(fed.model, fed.strategy.client_weight(fed.clients[pid].num_examples))
+            fed.strategy.add(fed.model, update, fed.clients[pid].num_examples)
+        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "client_metrics": metrics, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds}
+
+    def _secagg_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger) -> dict[str, Any]:
+        from fedsb.flower.secagg import secagg_round
+
+        base = task.global_state_from_download(fed, download)
+        names = sorted(base)
+        shapes = {k: tuple(v.shape) for k, v in base.items()}
+        live = [pid for pid in sampled if pid in self.node_of and pid not in self.needs_setup]
+        pid_of = {self.node_of[pid]: pid for pid in live}
+        weights = {pid: fed.strategy.client_weight(fed.clients[pid].num_examples) for pid in range(len(fed.clients))}
+        start = time.perf_counter()
+        outcome = secagg_round(
+            self.grid,
+            self.context,
+            round_index=round_index,
+            node_ids=[self.node_of[pid] for pid in live],
+            global_arrays=codec.state_to_ndarrays(base, names),
+            fit_config={"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha, "names": "\n".join(names)},
+            max_weight=float(max(weights.values())),
+            clipping_range=self.settings.secagg_clipping_range,
+            quantization_range=self.settings.secagg_quantization_range,
+            timeout=self.settings.round_timeout,
+        )
+        if outcome.mean is None or len(outcome.results) < max(1, self.settings.min_replies):
+            raise RoundFailed(f"round {round_index + 1}: secure aggregation ended with {len(outcome.results)} results (min-replies = {self.settings.min_replies})")
+        mean = codec.ndarrays_to_state(outcome.mean, names, shapes)
+        fed.strategy.add(fed.model, mean, 1)  # one entry whose mean is the secure weighted mean
+        contributors = sorted(int(r.metrics["partition-id"]) for r in outcome.results)
+        metrics = {int(r.metrics["partition-id"]): {"loss": float(r.metrics["loss"]), "steps": float(r.metrics["steps"]), "tokens": float(r.metrics["tokens"]), "seconds": float(r.metrics["seconds"]), "num-examples": float(fed.clients[int(r.metrics["partition-id"])].num_examples)} for r in outcome.results}
+        # Under SecAgg+ no safetensors payload exists: what each client sends and receives is
+        # Flower's protocol traffic (keys, shares, masked vectors), so that is what is counted.
+        for nid, nbytes in self.grid.sent.items():
+            ledger.record_down(round_index, pid_of.get(nid, f"node{nid}"), nbytes)
+        for nid, nbytes in self.grid.received.items():
+            ledger.record_up(round_index, pid_of.get(nid, f"node{nid}"), nbytes)
+        missing = {pid: "dropped out of secure aggregation" for pid in live if pid not in contributors}
+        missing.update({pid: "no SuperNode holds this partition" for pid in sampled if pid not in live})
+        for pid, reason in sorted(missing.items()):
+            self._event("missing", round=round_index + 1, partition=pid, reason=reason)
+        return {"accepted": contributors, "missing": missing, "rejected": {}, "client_metrics": metrics, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start}
+
+    def run_round(self, fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
+        fcfg = self.config.federation
+        if self.needs_setup:
+            self._setup([self.node_of[p] for p in sorted(self.needs_setup) if p in self.node_of], with_frozen=True)
+        sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=self.config.seed, round_index=round_index)
+        wall = time.perf_counter()
+        self.grid.reset()
+        fed.strategy.begin_round(fed.model)
+        if meter is not None and not self.settings.secagg:
+            meter.begin_round(fed.model, snapshot_base=fed.strategy.modifies_base)
+        if self.settings.secagg:
+            info = self._secagg_round(fed, round_index, sampled, download, ledger)
+        else:
+            info = self._plain_round(fed, round_index, sampled, download, ledger, meter)
+        t0 = time.perf_counter()
+        next_download = fed.strategy.finish(fed.model, round_index)
+        errors = meter.finish(fed.model) if meter is not None and not self.settings.secagg else {}
+        aggregate = time.perf_counter() - t0
+        encoded = comm.encode(next_download, fcfg.wire_dtype)
+        cm = info["client_metrics"]
+        weights = {pid: float(fed.clients[pid].num_examples) for pid in cm}  # the server's count, not the client's claim
+        up = ledger.up[round_index] if ledger.rounds > round_index else {}
+        down = ledger.down[round_index] if ledger.rounds > round_index else {}
+        metrics = {
+            "round": round_index + 1,
+            "clients": sampled,
+            "accepted": info["accepted"],
+            "missing": {str(k): v for k, v in info["missing"].items()},
+            "rejected": {str(k): v for k, v in info["rejected"].items()},
+            "train_loss": sum(cm[p]["loss"] * w for p, w in weights.items()) / sum(weights.values()),
+            "steps": int(sum(m["steps"] for m in cm.values())),
+            "tokens": int(sum(m["tokens"] for m in cm.values())),
+            "bytes_up": sum(up.values()),
+            "bytes_down": sum(down.values()),
+            "upload_bytes_per_client": max(up.values(), default=0),
+            "download_bytes_per_client": len(download),
+            "exactness_max": max(errors.values()) if errors else None,
+            "exactness_mean": sum(errors.values()) / len(errors) if errors else None,
+            "seconds": {
+                "train": sum(m["seconds"] for m in cm.values()),
+                "aggregate": aggregate,
+                "screen": info["screen_seconds"],
+                "exchange": info["exchange_seconds"],
+                "round_wall": time.perf_counter() - wall,
+            },
+            "flower": {
+                "engine": "deployment",
+                "secagg": self.settings.secagg,
+                "message_bytes_down": sum(self.grid.sent.values()),
+                "message_bytes_up": sum(self.grid.received.values()),
+            },
+        }
+        return metrics, encoded
+
+    # --- federated evaluation ------------------------------------------------------------
+
+    def federated_eval(self, round_index: int, download: bytes) -> dict[str, float]:
+        nodes = [(pid, nid) for pid, nid in sorted(self.node_of.items()) if pid not in self.needs_setup]
+        ex = exchange(self.grid, [self._round_message(nid, round_index, download, "evaluate") for _, nid in nodes], timeout=self.settings.round_timeout)
+        total, count = 0.0, 0.0
+        for _, reply in ex.replies:
+            if reply.has_error():
+                continue
+            m = reply.content.metric_records[METRICS_RECORD]
+            total += float(m["loss"]) * float(m["num-examples"])
+            count += float(m["num-examples"])
+        return {"loss": total / count if count else float("nan"), "nodes": len(ex.replies)}
+
+    # --- the run -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        wall = time.perf_counter()
+        fed = build_federation(cfg)
+        ledger = self.ledger
+        meter = ExactnessMeter() if cfg.federation.measure_exactness else None
+        rows: list[dict[str, Any]] = []
+        start_round = 0
+        resume = self.settings.resume and (self.out_dir / "checkpoint" / "meta.json").exists()
+        if resume:
+            meta, _ = load_checkpoint(self.out_dir, fed.model, fed.head_modules)
+            if meta.get("config_sha256") not in (None, self.config_sha):
+                raise ConfigError(f"{self.out_dir}: the checkpoint was written with another config; refusing to resume")
+            ledger = self.ledger = comm.CommLedger.from_dict(meta["ledger"])
+            self.resending = True  # every node got B, A in the interrupted run
+            rows, init_info, before = meta["metrics"], meta["init"], meta["eval_before"]
+            start_round = meta["round"] + 1
+            if "rng" in meta:
+                _restore_rng(meta["rng"])
+            self._event("resumed", from_round=start_round)
+        else:
+            atomic_write_bytes(self.out_dir / "config.toml", dump_config(cfg).encode())
+            (self.out_dir / "flower_events.jsonl").unlink(missing_ok=True)
+            init_info = initialize_adapter(fed, ledger)
+            before = evaluate_federation(fed)
+        if task.needs_frozen_broadcast(cfg):
+            self.frozen = comm.encode(task.frozen_state(fed), cfg.init.broadcast_dtype)
+            self.frozen_sha = task.sha256(self.frozen)
+        download = comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype)
+        nodes = self._wait_for_nodes()
+        self._setup(nodes, with_frozen=not resume)
+        for r in range(start_round, cfg.federation.rounds):
+            metrics, download = self.run_round(fed, r, download, ledger, meter)
+            every = cfg.task.eval_every
+            if r == cfg.federation.rounds - 1 or (every and (r + 1) % every == 0):
+                metrics["eval"] = evaluate_federation(fed)
+            if self.settings.federated_eval:
+                metrics["federated_eval"] = self.federated_eval(r, download)
+            rows.append(metrics)
+            atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+            save_checkpoint(
+                self.out_dir,
+                fed.model,
+                fed.head_modules,
+                round_index=r,
+                include_base=fed.strategy.modifies_base,
+                optimizer_states={},
+                meta={
+                    "ledger": ledger.to_dict(),
+                    "metrics": rows,
+                    "init": init_info,
+                    "eval_before": before,
+                    "download_shapes": {k: list(v.shape) for k, v in comm.decode(download)[0].items()},
+                    "download_bytes": len(download),
+                    "optimizer_param_groups": None,
+                    "engine": "flower",
+                    "config_sha256": self.config_sha,
+                    "rng": _rng_state(),
+                },
+            )
+            log.warning("round %d/%d done: %d accepted, %.1f s", r + 1, cfg.federation.rounds, len(metrics.get("accepted", [])), metrics["seconds"]["round_wall"])
+        save_adapter(fed.model, self.out_dir / "adapter", fed.head_modules, base_model=cfg.model.name)
+        summary = summarize(cfg, rows, ledger, init_info, before, time.perf_counter() - wall)
+        summary["flower"] = {
+            "engine": "deployment",
+            "secagg": self.settings.secagg,
+            "message_bytes_down": sum(r.get("flower", {}).get("message_bytes_down", 0) for r in rows),
+            "message_bytes_up": sum(r.get("flower", {}).get("message_bytes_up", 0) for r in rows),
+            "events": len(self.events),
+        }
+        atomic_write_json(self.out_dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,296 @@
+"""What the Flower apps share with the in-process engine: config, node cache, client training.
+
+Every node builds the *same* `Federation` as the in-process simulation from the same config
+(`fedsb.federated.server.build_federation`: model, tokenized data, partitions, strategy) and
+trains its partition with the same `train_client`, so a deployment run and `run_experiment`
+agree to the last bit the hardware allows. The server ships the experiment config's TOML text
+once per node (setup), and the frozen B, A once (init broadcast); the node keeps both in a
+local cache addressed by sha256 and verifies the hash on every load. Afterwards a round moves
+only R (and any head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedsb.adapter.export import atomic_write_bytes
+from fedsb.adapter.inject import adapter_layers, load_state, mark_trainable, trainable_state
+from fedsb.config import ConfigError, ExperimentConfig, config_from_dict, dump_config, load_config
+from fedsb.federated import comm
+from fedsb.federated.server import Federation, build_federation, train_client
+from fedsb.init import init_random
+
+
+# --- run config ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSettings:
+    """The `[tool.flwr.app.config]` keys (dashes in TOML, underscores here).
+
+    Documented in docs/flower.md; every key has a default so `flwr run .` works as is.
+    """
+
+    config_path: str = ""  # experiment TOML; "" = the built-in tiny demo config
+    config_overrides: str = ""  # space-separated section.key=value, as `fedsb --set`
+    num_server_rounds: int = 0  # 0 = federation.rounds from the experiment config
+    out_dir: str = "results/flower"
+    round_timeout: float = 600.0  # seconds to wait for the replies of one round
+    min_replies: int = 1  # fewer accepted updates than this after the timeout fails the round
+    min_nodes: int = 0  # nodes to wait for before starting (0 = federation.num_clients)
+    discovery_timeout: float = 120.0
+    resume: bool = False  # continue from out-dir's last completed round
+    norm_bound: float = 0.0  # clip each update to this L2 norm (0 = off)
+    outlier_factor: float = 20.0  # refuse an update > factor x the median norm of the others (0 = off)
+    secagg: bool = False  # Fed-SB through Flower's SecAgg+ (the server sees only the sum)
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    federated_eval: bool = False  # also ask every node for the loss of the global model on its data
+    fault_injection: str = ""  # testing hook: "PID:KIND[@ROUND],..." (see `FAULT_KINDS`)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                continue  # other apps' keys and Flower's own are not ours to refuse
+            default = known[name].default
+            kwargs[name] = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
+        return cls(**kwargs)
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+DEMO_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "model": {"name": "tiny-llama"},
+    "adapter": {"rank": 4, "targets": ["q_proj", "v_proj", "down_proj"]},
+    "init": {"method": "central", "num_samples": 8, "batch_size": 4},
+    "train": {"lr": 5e-3, "batch_size": 4, "local_steps": 2, "precision": "fp32", "max_length": 128},
+    "federation": {"num_clients": 2, "rounds": 2},
+    "task": {"name": "arith", "train_limit": 24, "eval_limit": 4, "max_new_tokens": 4, "eval_batch_size": 4},
+}
+
+
+def experiment_config(settings: RunSettings) -> ExperimentConfig:
+    """The experiment config the server runs: file (or demo) + overrides + num-server-rounds."""
+    overrides = shlex.split(settings.config_overrides)
+    if settings.num_server_rounds > 0:
+        overrides.append(f"federation.rounds={settings.num_server_rounds}")
+    if settings.config_path:
+        return load_config(settings.config_path, overrides)
+    return config_from_dict(dict(DEMO_CONFIG), overrides)
+
+
+def config_text(config: ExperimentConfig) -> str:
+    return dump_config(config)
+
+
+def sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def config_from_text(text: str) -> ExperimentConfig:
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config sent by the server is not valid TOML: {e}") from None
+
+
+# --- the node's cache: content-addressed, verified on every read ---------------------------
+
+
+class NodeCache:
+    """Files named by the sha256 of their content, so a node can prove it holds what the
+    server means (and a corrupted or swapped file is detected and dropped)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        if root is None:
+            from fedsb.models import cache_dir
+
+            root = cache_dir() / "flower"
+        self.root = Path(root)
+
+    def _path(self, kind: str, digest: str) -> Path:
+        if not all(c in "0123456789abcdef" for c in digest) or len(digest) != 64:
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        return self.root / f"{kind}-{digest}"
+
+    def put(self, kind: str, data: bytes) -> str:
+        digest = sha256(data)
+        path = self._path(kind, digest)
+        if not path.exists():
+            atomic_write_bytes(path, data)
+        return digest
+
+    def get(self, kind: str, digest: str) -> bytes | None:
+        path = self._path(kind, digest)
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        if sha256(data) != digest:
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def has(self, kind: str, digest: str) -> bool:
+        return self.get(kind, digest) is not None
+
+
+def node_cache(node_config: dict[str, Any]) -> NodeCache:
+    root = node_config.get("cache-dir") or os.environ.get("FEDSB_FLOWER_CACHE") or None
+    return NodeCache(root)
+
+
+# --- client side -----------------------------------------------------------------------------
+
+_FEDERATIONS: dict[tuple[str, str], Federation] = {}
+
+
+class MissingSetup(RuntimeError):
+    """The node lacks the config or the frozen B, A the server refers to (it re-sends them)."""
+
+
+def frozen_state(fed: Federation) -> dict[str, Tensor]:
+    """B and A (everything of the adapter but R): what the init broadcast carries."""
+    from fedsb.adapter.inject import adapter_state
+
+    return {k: v for k, v in adapter_state(fed.model).items() if not k.endswith(".R")}
+
+
+def needs_frozen_broadcast(config: ExperimentConfig) -> bool:
+    """Fed-SB with a data-driven init ships B, A; a seeded random init is recomputed locally."""
+    from fedsb.aggregation import get_strategy
+
+    return get_strategy(config.federation.strategy).adapter_kind == "lorasb" and config.init.method in ("central", "federated")
+
+
+def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str) -> Federation:
+    """The node's Federation for this config, built once per process, B and A in place."""
+    key = (config_sha, frozen_sha)
+    if key in _FEDERATIONS:
+        return _FEDERATIONS[key]
+    text = cache.get("config", config_sha)
+    if text is None:
+        raise MissingSetup(f"config {config_sha[:12]} is not in the node cache")
+    config = config_from_text(text.decode())
+    frozen = None
+    if needs_frozen_broadcast(config):
+        frozen = cache.get("frozen", frozen_sha) if frozen_sha else None
+        if frozen is None:
+            raise MissingSetup(f"frozen B, A {frozen_sha[:12]} are not in the node cache")
+    fed = build_federation(config)
+    if frozen is not None:
+        tensors, _ = comm.decode(frozen)
+        load_state(fed.model, tensors, strict_keys=False)
+    elif fed.strategy.adapter_kind == "lorasb" and config.init.method == "random":
+        init_random(adapter_layers(fed.model), seed=config.seed)
+    mark_trainable(fed.model, fed.head_modules)
+    _FEDERATIONS.clear()  # one federation per process: a new config replaces the old
+    _FEDERATIONS[key] = fed
+    return fed
+
+
+def global_state_from_download(fed: Federation, download: bytes) -> dict[str, Tensor]:
+    """What a client starts from, exactly as `run_round` builds it: the trainable tensors, with
+    the downloaded values wherever names and shapes match."""
+    state = trainable_state(fed.model, fed.head_modules)
+    received, _ = comm.decode(download)
+    for key, value in received.items():
+        if key in state and value.shape == state[key].shape:
+            state[key] = value
+    return state
+
+
+def train_partition(fed: Federation, partition_id: int, round_index: int, global_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Local training of one partition with the simulation's own `train_client`."""
+    if not 0 <= partition_id < len(fed.clients):
+        raise ValueError(f"partition-id {partition_id} is outside 0..{len(fed.clients) - 1}")
+    result = train_client(fed, fed.clients[partition_id], round_index, global_state)
+    metrics = {
+        "num-examples": float(result.num_examples),
+        "loss": float(result.loss),
+        "steps": float(result.steps),
+        "tokens": float(result.tokens),
+        "seconds": float(result.seconds),
+    }
+    return trainable_state(fed.model, fed.head_modules), metrics
+
+
+@torch.no_grad()
+def partition_loss(fed: Federation, partition_id: int, global_state: dict[str, Tensor]) -> tuple[float, int]:
+    """Mean loss of the global adapter on one partition's data (federated evaluation)."""
+    from fedsb.data import collate
+
+    fed.strategy.load_global(fed.model, global_state)
+    client = fed.clients[partition_id]
+    bs = fed.config.train.batch_size
+    pad = fed.tokenizer.pad_token_id
+    fed.model.eval()
+    total, count = 0.0, 0
+    for i in range(0, client.num_examples, bs):
+        batch = collate(client.items[i : i + bs], pad, client.classification)
+        out = fed.model(**batch)
+        n = batch["input_ids"].shape[0]
+        total += float(out.loss) * n
+        count += n
+    fed.model.train()
+    return total / max(count, 1), count
+
+
+# --- fault injection (testing and chaos drills only) ----------------------------------------
+
+FAULT_KINDS = ("crash", "hang", "nan", "inf", "wrong-key", "wrong-shape", "wrong-dtype", "huge-norm", "oversize", "pickle")
+
+
+def fault_for(spec: str, partition_id: int, round_index: int) -> str | None:
+    """Parse "PID:KIND[@ROUND],..." (ROUND 1-based, any round if omitted) for this node."""
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        target, _, rest = item.partition(":")
+        kind, _, rnd = rest.partition("@")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; allowed: {', '.join(FAULT_KINDS)}")
+        if int(target) == partition_id and (not rnd or int(rnd) == round_index + 1):
+            return kind
+    return None
+
+
+def faulty_payload(kind: str, state: dict[str, Tensor], wire_dtype: str) -> bytes:
+    """A deliberately bad upload of the given kind, built from the honest state."""
+    import pickle
+
+    state = {k: v.clone() for k, v in state.items()}
+    first = next(iter(state))
+    if kind == "nan":
+        state[first].view(-1)[0] = float("nan")
+    elif kind == "inf":
+        state[first].view(-1)[0] = float("inf")
+    elif kind == "wrong-key":
+        state["evil." + first] = state.pop(first)
+    elif kind == "wrong-shape":
+        state[first] = torch.zeros(*state[first].shape, 2)
+    elif kind == "wrong-dtype":
+        return comm.encode(state, "fp16" if wire_dtype != "fp16" else "bf16")
+    elif kind == "huge-norm":
+        state = {k: v * 1e6 for k, v in state.items()}
+    elif kind == "oversize":
+        return comm.encode(state, wire_dtype, metadata={"pad": "x" * 4096})
+    elif kind == "pickle":
+        return pickle.dumps(state)
+    return comm.encode(state, wire_dtype)
+
