@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedsb.commands.bench import bench
 from fedsb.commands.comm import comm
+from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
 from fedsb.commands.results import results
 
@@ -60,6 +62,8 @@ def demo(
 app.command("comm")(comm)
 app.command("eval")(evaluate_command)
 app.command("results")(results)
+app.command("bench")(bench)
+app.command("privacy-table")(privacy_table)
 
 
 def main() -> None:  # pragma: no cover

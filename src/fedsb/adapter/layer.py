@@ -10,6 +10,15 @@ initialization and only R trains. R is an `nn.Linear(r, r, bias=False)` so that 
 its per-sample gradients (hooks or ghost clipping) like any other linear layer.
 
 `LoraLinear` is plain LoRA (A, B trainable, no R) for the FedIT / FFA / FedEx / FLoRA baselines.
+
+Speed (see docs/performance.md): under autocast, torch re-casts every frozen fp32 tensor (the
+base weight, LoRA-SB's A and B) to bf16 on each call, because its cast cache only keeps
+tensors that require grad. Re-casting the 106M frozen weights of SmolLM2 costs about as much
+as the step's matmuls, and dominates token-by-token generation. So the frozen tensors' low
+precision copies are cached here, keyed on the tensor's storage and version counter (any
+in-place change, such as merge, set_factors or load_state, rebuilds them). The output is
+bit-identical to what autocast computes. The up-projection, the scaling and the residual add
+are one `addmm`.
 """
 
 from __future__ import annotations
@@ -17,6 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs linear layers in for `x`'s device, or None when it is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 class AdapterLinear(nn.Module):
@@ -35,6 +50,31 @@ class AdapterLinear(nn.Module):
         self.scaling = self.alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self._casts: dict[str, tuple[tuple, Tensor]] = {}  # low-precision copies of frozen tensors
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: the cached copies are rebuilt on use
+        state = dict(self.__dict__)
+        state["_casts"] = {}
+        return state
+
+    def frozen_as(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """`t` (a tensor that does not train) in `dtype`, cached until `t` changes."""
+        if t.dtype == dtype:
+            return t
+        try:
+            key = (dtype, t.device, t.data_ptr(), t._version)
+        except RuntimeError:  # an inference tensor has no version counter: do not cache
+            return t.detach().to(dtype)
+        hit = self._casts.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad(), torch.inference_mode(False):  # usable by autograd later, even if made in eval
+            cast = t.detach().to(dtype)
+        self._casts[name] = (key, cast)
+        return cast
+
+    def clear_cast_cache(self) -> None:
+        self._casts.clear()
 
     @property
     def in_features(self) -> int:
@@ -52,17 +92,39 @@ class AdapterLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
 
-    def low_rank(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def down(self, x: Tensor, dtype: torch.dtype) -> Tensor:  # pragma: no cover - abstract
+        """The rank-r activations (..., r) that the up-projection maps to the output."""
+        raise NotImplementedError
+
+    def up_weight(self, dtype: torch.dtype) -> Tensor:  # pragma: no cover - abstract
+        """The up-projection (out x r) in the compute dtype."""
         raise NotImplementedError
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def low_rank(self, x: Tensor) -> Tensor:
+        """`B (R) A x` without scaling (for inspection; `forward` fuses it)."""
+        dtype = autocast_dtype(x) or x.dtype
+        return F.linear(self.down(x, dtype), self.up_weight(dtype))
+
+    def base_forward(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
+        w, b = self.base_layer.weight, self.base_layer.bias
+        if dtype is None or w.requires_grad or w.dtype == dtype:
+            return self.base_layer(x)  # autocast casts (and caches) a weight that trains
+        return F.linear(x, self.frozen_as("weight", w, dtype), None if b is None else b.to(dtype))
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
+        cast = autocast_dtype(x)
+        if cast is not None and x.is_floating_point():
+            x = x.to(cast)  # once for both paths (autocast would cast x again for each matmul)
+        y = self.base_forward(x, cast)
         if self.merged:
             return y
-        return y + self.low_rank(self.dropout(x)) * self.scaling
+        dtype = cast or x.dtype
+        z = self.down(self.dropout(x), dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.up_weight(dtype).t(), alpha=self.scaling)
+        return out.view(y.shape)  # y + scaling * z B^T in one kernel
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -95,8 +157,11 @@ class LoraSBLinear(AdapterLinear):
         self.R = nn.Linear(rank, rank, bias=False, **factory)
         nn.init.zeros_(self.R.weight)
 
-    def low_rank(self, x: Tensor) -> Tensor:
-        return F.linear(self.R(F.linear(x, self.lora_A.to(x.dtype))), self.lora_B.to(x.dtype))
+    def down(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.R(F.linear(x, self.frozen_as("lora_A", self.lora_A, dtype)))
+
+    def up_weight(self, dtype: torch.dtype) -> Tensor:
+        return self.frozen_as("lora_B", self.lora_B, dtype)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.R.weight.float() @ self.lora_A) * self.scaling
@@ -140,8 +205,17 @@ class LoraLinear(AdapterLinear):
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, **factory))
 
-    def low_rank(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+    def down(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        # Trainable A and B: autocast casts them once per autocast region (its cache keeps leaves
+        # that require grad); a frozen A (FFA-LoRA) goes through the frozen-tensor cache.
+        if not self.lora_A.requires_grad:
+            return F.linear(x, self.frozen_as("lora_A", self.lora_A, dtype))
+        return F.linear(x, self.lora_A if autocast_dtype(x) else self.lora_A.to(dtype))
+
+    def up_weight(self, dtype: torch.dtype) -> Tensor:
+        if not self.lora_B.requires_grad:
+            return self.frozen_as("lora_B", self.lora_B, dtype)
+        return self.lora_B if torch.is_autocast_enabled(self.lora_B.device.type) else self.lora_B.to(dtype)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

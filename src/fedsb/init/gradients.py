@@ -22,8 +22,11 @@ LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-    """The model's own loss (`labels` in the batch), as Hugging Face models compute it."""
-    return model(**batch).loss
+    """The model's own loss (`labels` in the batch), as Hugging Face models compute it; for a
+    causal LM the output head runs only where labels need it (`fedsb.training.causal_lm_loss`)."""
+    from fedsb.training import causal_lm_loss
+
+    return causal_lm_loss(model, batch)
 
 
 @contextmanager
