@@ -148,7 +148,7 @@ def privacy_table(
     config: Annotated[Path, typer.Argument(help="Base config (e.g. configs/snli-dp-small.toml).")],
     *,
     out: Annotated[Path, typer.Option("--out", help="Markdown file to write.")] = Path("docs/results-privacy.md"),
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where each run's folder goes (finished runs are reused).")] = Path("runs/privacy-table"),
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where each run's folder goes (finished runs are reused).")] = Path("results/privacy-table"),
     methods: Annotated[str, typer.Option("--methods", help="Comma list of strategy:rank.")] = DEFAULT_METHODS,
     epsilon: Annotated[list[float], typer.Option("--epsilon", help="Target epsilons (repeat); inf = no DP.")] = [1.0, 3.0, math.inf],  # noqa: B006
     setting: Annotated[list[str], typer.Option("--setting", help="centralized and/or federated (repeat).")] = ["centralized", "federated"],  # noqa: B006
