@@ -8,7 +8,11 @@ the fedsb apps with the tiny random model.
   the same result;
 - a client killed mid-round and a hostile client (NaN update) in the same round -> the round
   completes with the honest client after the timeout, both logged;
-- TLS with a generated CA + SuperNode authentication with registered key pairs.
+- TLS with a generated CA + SuperNode authentication with registered key pairs;
+- FedEx and FLoRA (folded base kept in each node's cache) match `run_experiment`: adapter and
+  base weights within 1e-5, equal payload bytes per round;
+- SecAgg+: the global R equals the plain run's within the quantization bound, and the server
+  side is only ever handed the aggregate.
 
 Every process is started by `LocalFederation` and stopped by pid. The multi-process tests are
 skipped only if the Flower executables are missing from this environment.
@@ -151,6 +155,97 @@ def test_server_killed_mid_run_resumes_to_the_same_result(cluster, deployment, w
     assert json.loads((out / "summary.json").read_text())["total_bytes"] == json.loads((simulation / "summary.json").read_text())["total_bytes"]
 
 
+def checkpoint_tensors(out: Path, prefix: str) -> dict:
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    tensors = load_file(out / "checkpoint" / meta["state_file"])
+    return {k: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "flora"])
+def test_base_folding_strategies_match_simulation(strategy, cluster, workdir):
+    """FedEx and FLoRA on 2 SuperNodes (stateless ClientApp processes, folded base kept in each
+    node's cache) end where `run_experiment` ends: adapter and folded base weights within 1e-5,
+    the same payload bytes per round (FedEx's residuals, FLoRA's stacks) and in total, and no
+    catch-up in a run where no node misses a round."""
+    config = write_config(workdir / f"tiny-{strategy}.toml", strategy=strategy)
+    from fedsb.config import load_config
+
+    sim, out = workdir / f"sim-{strategy}", workdir / f"dep-{strategy}"
+    run_experiment(load_config(config), sim)
+    info = cluster.run({"config-path": str(config), "out-dir": str(out), "round-timeout": 600.0}, timeout=RUN_TIMEOUT)
+    assert info["status"] == "finished:completed", info
+    assert max_r_diff(out, sim) <= 1e-5  # every adapter tensor (A, B), not only R
+    base_dep, base_sim = checkpoint_tensors(out, "base."), checkpoint_tensors(sim, "base.")
+    assert base_dep.keys() == base_sim.keys() and base_dep
+    assert max(float((base_dep[k] - base_sim[k]).abs().max()) for k in base_sim) <= 1e-5
+    dep, ref = rows(out), rows(sim)
+    assert len(dep) == len(ref) == 2
+    for d, s in zip(dep, ref):
+        for key in ("bytes_up", "bytes_down", "upload_bytes_per_client", "download_bytes_per_client"):
+            assert d[key] == s[key], (key, d[key], s[key])
+        assert d["accepted"] == [0, 1] and not d["missing"] and not d["rejected"]
+        assert d["flower"]["base_catchup_bytes"] == 0
+    assert dep[1]["download_bytes_per_client"] > dep[0]["download_bytes_per_client"]  # round 2 carries the fold
+    ds, ss = json.loads((out / "summary.json").read_text()), json.loads((sim / "summary.json").read_text())
+    assert ds["total_bytes"] == ss["total_bytes"] and ds["ledger"] == ss["ledger"]
+    assert ds["final_train_loss"] == pytest.approx(ss["final_train_loss"], abs=1e-5)
+    assert not [e for e in events(out) if e["event"] in ("base-catchup", "rejected", "missing")]
+
+
+def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir):
+    """Fed-SB with `secagg = true` on 2 SuperNodes, 1 round (SecAgg+'s four exchanges).
+
+    (a) The global R equals the plain run's within SecAgg+'s quantization bound. Flower's
+    `secaggplus_mod` scales R_i by r_i = w_i / w_max (w_max = the largest weight, so r_i <= 1),
+    maps each entry to a grid of step 2 c / L (c = clipping range 8.0, L = quantization range
+    2^22: 3.81e-6) and rounds it *stochastically* to the grid point below or above: an error
+    below one step per client. The server divides the sum by sum_i r_i, so the mean moves by
+    less than n * step / sum_i r_i (one step with equal weights), plus 1e-7 for fp32 arithmetic.
+    One round keeps the bound rigorous: after it, training would carry the error on.
+    (b) What the server side was handed is only the aggregate: every FitRes the bridge
+    strategy received carried the same vector, whose fp32 payload is the new global R, and that
+    vector is far (> 100 x the bound) from every client's own R."""
+    from fedsb.config import load_config
+    from fedsb.federated import comm
+    from fedsb.federated.server import build_federation, initialize_adapter, train_client
+    from fedsb.flower import task
+
+    config = write_config(workdir / "tiny-secagg.toml", rounds=1)
+    cfg = load_config(config)
+    plain = workdir / "secagg-plain"
+    run_experiment(cfg, plain)
+    # every client's own R after round 1, as the plain run computes it (same start, same data)
+    fed = build_federation(cfg)
+    initialize_adapter(fed, comm.CommLedger())
+    start = task.global_state_from_download(fed, comm.encode(task.trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
+    own = {}
+    for client in fed.clients:
+        train_client(fed, client, 0, start)
+        own[client.client_id] = task.trainable_state(fed.model, fed.head_modules)
+    weights = [fed.strategy.client_weight(c.num_examples) for c in fed.clients]
+    ratios = [w / max(weights) for w in weights]
+
+    out = workdir / "secagg"
+    info = cluster.run({"config-path": str(config), "out-dir": str(out), "secagg": True, "round-timeout": 600.0}, timeout=RUN_TIMEOUT)
+    assert info["status"] == "finished:completed", info
+    clip, levels = 8.0, 4194304  # the run-config defaults
+    bound = len(ratios) * (2 * clip / levels) / sum(ratios) + 1e-7
+    r_secagg = {k: v for k, v in load_file(out / "adapter" / "adapter.safetensors").items() if k.endswith(".R")}
+    r_plain = {k: v for k, v in load_file(plain / "adapter" / "adapter.safetensors").items() if k.endswith(".R")}
+    assert r_secagg.keys() == r_plain.keys() == {k for k in own[0] if k.endswith(".R")}
+    assert max(float(v.abs().max()) * max(ratios) for v in r_plain.values()) < clip  # nothing was clipped
+    error = max(float((r_secagg[k] - r_plain[k]).abs().max()) for k in r_plain)
+    assert error <= bound, (error, bound)
+
+    (row,) = rows(out)
+    assert row["accepted"] == [0, 1] and row["flower"]["secagg"]
+    seen = row["flower"]["secagg_aggregate"]
+    assert seen["fit_results"] == 2 and seen["distinct_vectors"] == 1 and seen["strategy_adds"] == 1
+    assert seen["aggregate_sha256"] == task.sha256(comm.encode(r_secagg, "fp32"))
+    for state in own.values():
+        assert max(float((r_secagg[k] - state[k]).abs().max()) for k in r_secagg) > 100 * bound
+
+
 def test_killed_and_hostile_clients_do_not_stop_the_round(cluster, deployment, workdir):
     """3 parties: node 1 is killed while it trains, node 2 uploads NaN; node 0 carries the round."""
     out = workdir / "faults"
@@ -257,3 +352,102 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
     reply = client_app.evaluate(message(round_content(), "evaluate"), ctx)
     metrics = reply.content.metric_records[protocol.METRICS_RECORD]
     assert metrics["num-examples"] == server.clients[1].num_examples and metrics["loss"] > 0
+
+
+def _tiny_config(strategy: str, **federation):
+    data = json.loads(json.dumps(TINY))
+    data["federation"].update({"strategy": strategy, **federation})
+    return config_from_dict(data)
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "flora"])
+def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypatch):
+    """FedEx/FLoRA on the ClientApp's handlers (no processes; the per-process federation cache is
+    dropped before every message, as a fresh `flwr-clientapp` would be): a node that follows
+    the base chain rebuilds the server's folded base from its cache every round; a node that
+    missed round 2 (the first whose download folds something) refuses to train in round 3
+    (`missing-base`) until the server's base is attached, then uploads exactly what the
+    up-to-date node uploads; a download that does not match the chain is refused."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsb.federated import comm
+    from fedsb.federated.server import build_federation, initialize_adapter, run_round
+    from fedsb.flower import client_app, codec, protocol, task
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    config = _tiny_config(strategy, rounds=3)
+    server = build_federation(config)
+    ledger = comm.CommLedger()
+    initialize_adapter(server, ledger)
+    text = task.config_text(config)
+    shas = {"config-sha256": task.sha256(text), "frozen-sha256": ""}
+    root = task.base_root(shas["config-sha256"])
+
+    def context(name: str) -> Context:
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "cache-dir": str(tmp_path / name)}, state=RecordDict(), run_config={})
+
+    def send(handler, ctx, content: RecordDict, kind: str) -> Message:
+        task._FEDERATIONS.clear()  # a fresh ClientApp process per message
+        task._BASE_IDS.clear()
+        return handler(Message(content, dst_node_id=7, message_type=kind, group_id="1"), ctx)
+
+    def round_message(r: int, download: bytes, prev: str, base_id: str, catchup: bytes | None = None) -> RecordDict:
+        fields = {"round": r, **shas, "base-from": prev, "base-id": base_id, "base-round": r}
+        content = RecordDict({protocol.DOWNLOAD_RECORD: codec.payload_record(download)})
+        if catchup is not None:
+            content[protocol.BASE_RECORD] = codec.payload_record(catchup)
+            fields["base-sha256"] = task.sha256(catchup)
+        content[protocol.CONFIG_RECORD] = ConfigRecord(fields)
+        return content
+
+    def upload(reply: Message) -> dict:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return comm.decode(codec.payload_from_record(reply.content.array_records[protocol.UPDATE_RECORD]))[0]
+
+    follower, late = context("follower"), context("late")
+    setup = RecordDict({protocol.SETUP_RECORD: ConfigRecord({"config-toml": text, **shas})})
+    for ctx in (follower, late):
+        send(client_app.setup, ctx, setup, protocol.SETUP_MESSAGE_TYPE)
+
+    download = comm.encode(task.trainable_state(server.model, server.head_modules))
+    prev, base_id = root, root
+    for r in range(3):
+        if r:
+            prev, base_id = base_id, task.next_base_id(base_id, download, r)
+        reply = send(client_app.train, follower, round_message(r, download, prev, base_id), "train")
+        assert reply.content.config_records[protocol.NODE_RECORD]["base-id"] == base_id
+        follower_upload = upload(reply)
+        if r:
+            # the follower folded the download into its cached base: exactly the server's base
+            cached, _ = comm.decode(task.node_cache(follower.node_config).get_named(task.BASE_KIND, base_id))
+            server_base = task.base_state(server)
+            assert max(float((cached[k] - server_base[k]).abs().max()) for k in server_base) <= 1e-6
+        if r == 2:  # the late node never saw round 2's download (index 1): it must not train on the root base
+            refused = send(client_app.train, late, round_message(r, download, prev, base_id), "train")
+            assert refused.has_error() and protocol.MISSING_BASE in refused.error.reason
+            caught_up = upload(send(client_app.train, late, round_message(r, download, prev, base_id, task.encode_base(server)), "train"))
+            assert max(float((caught_up[k] - follower_upload[k]).abs().max()) for k in follower_upload) <= 1e-6
+            with pytest.raises(ValueError, match="base chain"):  # a download the chain does not name
+                send(client_app.train, late, round_message(r, download + b" ", prev, base_id), "train")
+        _, download = run_round(server, r, download, ledger, None)  # the simulation's round (server side)
+
+
+def test_engine_runs_every_strategy_and_refuses_the_rest_with_a_reason():
+    from fedsb.config import ConfigError
+    from fedsb.flower.server_loop import check_supported
+    from fedsb.flower.task import RunSettings
+
+    plain, secagg = RunSettings(), RunSettings(secagg=True)
+    for strategy in ("fedsb", "fedit", "ffa", "fedex", "flora"):
+        check_supported(_tiny_config(strategy), plain)
+    data = json.loads(json.dumps(TINY))
+    refused = {
+        "keep_optimizer_state": ({**data, "train": {**data["train"], "keep_optimizer_state": True}}, plain),
+        "federated": ({**data, "init": {**data["init"], "method": "federated"}}, plain),
+        "Fed-SB only": ({**data, "federation": {**data["federation"], "strategy": "fedex"}}, secagg),
+    }
+    for reason, (raw, settings) in refused.items():
+        with pytest.raises(ConfigError, match=reason):
+            check_supported(config_from_dict(json.loads(json.dumps(raw))), settings)

@@ -80,6 +80,30 @@ class Strategy(ABC):
     def load_global(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
         load_state(model, dict(state), self.head_modules, strict_keys=False)
 
+    def client_start_state(self, model: nn.Module, download: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What a client trains from: the model's trainable tensors, replaced by the downloaded
+        values (as decoded, wire dtype included) wherever the download carries that tensor."""
+        state = trainable_state(model, self.head_modules)
+        for key, value in download.items():
+            if key in state and value.shape == state[key].shape and self.downloads_start_value(key):
+                state[key] = value
+        return state
+
+    def downloads_start_value(self, key: str) -> bool:
+        """Whether the download's tensor `key` is the value clients start from (FLoRA's stacks,
+        named like the adapter, are merged into the base instead)."""
+        return True
+
+    def apply_download(self, model: nn.Module, download: Mapping[str, Tensor], round_index: int, *, fold: bool = True) -> None:
+        """What a *client* does with the download of round `round_index` besides loading the
+        trainable tensors: strategies that modify the base fold their part of it into the base
+        weights, as `finish` did on the server. `fold=False`: the base already holds it (a node
+        that restored its folded base), only the rest happens. Nothing to do by default.
+
+        The in-process engine never calls this (its clients share the server's model, whose base
+        `finish` already changed); a node of the Flower engine does, once per round.
+        """
+
     def head_keys(self, model: nn.Module) -> list[str]:
         return list(head_parameters(model, self.head_modules))
 

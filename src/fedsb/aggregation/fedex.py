@@ -44,8 +44,22 @@ class FedExLoRA(Strategy):
             product_of_means = mean[f"{name}.lora_B"].double() @ mean[f"{name}.lora_A"].double()
             # The scaling alpha/r applies to the residual exactly as it did in training.
             residual = ((mean_product - product_of_means) * layer.scaling).float()
-            layer.base_layer.weight.add_(residual.to(layer.base_layer.weight.dtype))
+            _fold(layer, residual)
             download[f"{name}.residual"] = residual
         self.load_global(model, mean)
         self._products = {}
         return download
+
+    @torch.no_grad()
+    def apply_download(self, model: nn.Module, download: Mapping[str, Tensor], round_index: int, *, fold: bool = True) -> None:
+        """A client folds the downloaded residuals into its base weights, exactly as `finish`."""
+        if not fold:
+            return
+        for name, layer in adapter_layers(model).items():
+            residual = download.get(f"{name}.residual")
+            if residual is not None:  # round 0's download (the seeded init) carries none
+                _fold(layer, residual)
+
+
+def _fold(layer: nn.Module, residual: Tensor) -> None:
+    layer.base_layer.weight.add_(residual.to(layer.base_layer.weight.dtype))

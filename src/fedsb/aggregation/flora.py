@@ -38,12 +38,11 @@ class FLoRA(Strategy):
     @torch.no_grad()
     def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
         download: dict[str, Tensor] = {}
-        g = torch.Generator().manual_seed(self.seed * 7919 + round_index + 1)
+        g = self._reset_generator(round_index + 1)  # the init of the round that downloads this
         for name, layer in adapter_layers(model).items():
             a_stack = torch.cat(self._stack[f"{name}.lora_A"], dim=0)  # (N r) x d_in
             b_stack = torch.cat(self._stack[f"{name}.lora_B"], dim=1) / self._total  # d_out x (N r)
-            delta = (b_stack.double() @ a_stack.double() * layer.scaling).float()
-            layer.base_layer.weight.add_(delta.to(layer.base_layer.weight.dtype))
+            _merge(layer, a_stack, b_stack)
             # Same names as the adapter, stacked to rank N * r (as `comm_table.payload_names`).
             download[f"{name}.lora_A"] = a_stack
             download[f"{name}.lora_B"] = b_stack
@@ -54,3 +53,30 @@ class FLoRA(Strategy):
         download.update(heads)
         self._stack = {}
         return download
+
+    def downloads_start_value(self, key: str) -> bool:
+        # With one client the stack has the adapter's own shape; it is still a stack.
+        return key.startswith("head.")
+
+    def _reset_generator(self, round_index: int) -> torch.Generator:
+        """The shared seed of the fresh LoRA init that round `round_index` starts from."""
+        return torch.Generator().manual_seed(self.seed * 7919 + round_index)
+
+    @torch.no_grad()
+    def apply_download(self, model: nn.Module, download: Mapping[str, Tensor], round_index: int, *, fold: bool = True) -> None:
+        """A client merges the downloaded stacks into its base weights and restarts from the
+        fresh seeded LoRA, exactly as `finish` did. Round 0's download is the seeded init itself."""
+        if round_index == 0:
+            return
+        g = self._reset_generator(round_index)
+        for name, layer in adapter_layers(model).items():
+            assert isinstance(layer, LoraLinear)
+            if fold:
+                _merge(layer, download[f"{name}.lora_A"], download[f"{name}.lora_B"])
+            layer.reset(g)
+
+
+def _merge(layer: nn.Module, a_stack: Tensor, b_stack: Tensor) -> None:
+    """W += scaling * B_stack A_stack (B_stack already carries the weights w_i / sum w)."""
+    delta = (b_stack.double() @ a_stack.double() * layer.scaling).float()
+    layer.base_layer.weight.add_(delta.to(layer.base_layer.weight.dtype))

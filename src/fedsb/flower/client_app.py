@@ -7,6 +7,8 @@ Three message kinds:
   server announced, and answers with its partition id and what it holds.
 - train: the global R (safetensors bytes). The node builds the simulation's `Federation` from
   the cached config, trains its partition with the simulation's `train_client`, and uploads R.
+  FedEx/FLoRA: the node first restores its folded base weights and applies the download's fold
+  (`task.node_federation`), or uses the server's catch-up base when one is attached.
   Under SecAgg+ (`fedsb_secagg_mod`) the same training runs, but the upload is Flower's masked,
   weighted vector instead of plain R.
 - evaluate: the loss of the global adapter on the node's partition.
@@ -29,10 +31,12 @@ from fedsb.adapter.inject import trainable_state
 from fedsb.federated import comm
 from fedsb.flower import codec, task
 from fedsb.flower.protocol import (
+    BASE_RECORD,
     CONFIG_RECORD,
     DOWNLOAD_RECORD,
     FROZEN_RECORD,
     METRICS_RECORD,
+    MISSING_BASE,
     MISSING_SETUP,
     NODE_RECORD,
     SETUP_ACTION,
@@ -57,8 +61,23 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _missing(msg: Message, reason: str) -> Message:
-    return Message(Error(code=0, reason=f"{MISSING_SETUP}: {reason}"), reply_to=msg)
+def _missing(msg: Message, reason: str, prefix: str = MISSING_SETUP) -> Message:
+    return Message(Error(code=0, reason=f"{prefix}: {reason}"), reply_to=msg)
+
+
+def _round_federation(msg: Message, context: Context) -> tuple[task.Federation, str, bytes] | Message:
+    """The federation for a train/evaluate message (base restored for FedEx/FLoRA), the base id
+    and the download; or the error reply when the node lacks its setup or its base."""
+    cfg = msg.content.config_records[CONFIG_RECORD]
+    download = codec.payload_from_record(msg.content.array_records[DOWNLOAD_RECORD])
+    catchup = codec.payload_from_record(msg.content.array_records[BASE_RECORD]) if BASE_RECORD in msg.content.array_records else None
+    try:
+        fed, base_id = task.node_federation(task.node_cache(context.node_config), cfg, download, catchup)
+    except task.MissingSetup as e:
+        return _missing(msg, str(e))
+    except task.MissingBase as e:
+        return _missing(msg, str(e), MISSING_BASE)
+    return fed, base_id, download
 
 
 @app.query(SETUP_ACTION)
@@ -94,11 +113,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content.config_records[CONFIG_RECORD]
     round_index = int(cfg["round"])
     pid = _partition_id(context)
-    try:
-        fed = task.client_federation(task.node_cache(context.node_config), str(cfg["config-sha256"]), str(cfg["frozen-sha256"]))
-    except task.MissingSetup as e:
-        return _missing(msg, str(e))
-    download = codec.payload_from_record(msg.content.array_records[DOWNLOAD_RECORD])
+    ready = _round_federation(msg, context)
+    if isinstance(ready, Message):
+        return ready
+    fed, base_id, download = ready
     global_state = task.global_state_from_download(fed, download)
     fault = task.fault_for(str(context.run_config.get("fault-injection", "")), pid, round_index)
     if fault == "crash":
@@ -112,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             UPDATE_RECORD: codec.payload_record(payload),
             METRICS_RECORD: MetricRecord(metrics),
-            NODE_RECORD: ConfigRecord({"partition-id": pid}),
+            NODE_RECORD: ConfigRecord({"partition-id": pid, "base-id": base_id}),
         }
     )
     return Message(content, reply_to=msg)
@@ -144,13 +162,16 @@ def _train_secagg(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss of the global adapter on this node's partition (no training, nothing uploaded)."""
-    cfg = msg.content.config_records[CONFIG_RECORD]
     pid = _partition_id(context)
-    try:
-        fed = task.client_federation(task.node_cache(context.node_config), str(cfg["config-sha256"]), str(cfg["frozen-sha256"]))
-    except task.MissingSetup as e:
-        return _missing(msg, str(e))
-    download = codec.payload_from_record(msg.content.array_records[DOWNLOAD_RECORD])
+    ready = _round_federation(msg, context)
+    if isinstance(ready, Message):
+        return ready
+    fed, base_id, download = ready
     loss, n = task.partition_loss(fed, pid, task.global_state_from_download(fed, download))
-    content = RecordDict({METRICS_RECORD: MetricRecord({"loss": loss, "num-examples": float(n)}), NODE_RECORD: ConfigRecord({"partition-id": pid})})
+    content = RecordDict(
+        {
+            METRICS_RECORD: MetricRecord({"loss": loss, "num-examples": float(n)}),
+            NODE_RECORD: ConfigRecord({"partition-id": pid, "base-id": base_id}),
+        }
+    )
     return Message(content, reply_to=msg)

@@ -5,10 +5,12 @@ SETUP_MESSAGE_TYPE = f"query.{SETUP_ACTION}"
 
 SETUP_RECORD = "fedsb.setup"  # ConfigRecord: config-toml, config-sha256, frozen-sha256
 FROZEN_RECORD = "fedsb.frozen"  # ArrayRecord: safetensors of B, A
-CONFIG_RECORD = "fedsb.round"  # ConfigRecord: round, config-sha256, frozen-sha256
+CONFIG_RECORD = "fedsb.round"  # ConfigRecord: round, config-sha256, frozen-sha256 (+ base-* for FedEx/FLoRA)
 DOWNLOAD_RECORD = "fedsb.download"  # ArrayRecord: safetensors of the global R (and heads)
+BASE_RECORD = "fedsb.base"  # ArrayRecord: safetensors of the folded base weights (FedEx/FLoRA catch-up)
 UPDATE_RECORD = "fedsb.update"  # ArrayRecord: safetensors of the client's R
 METRICS_RECORD = "fedsb.metrics"  # MetricRecord: loss, steps, tokens, seconds, num-examples
-NODE_RECORD = "fedsb.node"  # ConfigRecord: partition-id, has-frozen
+NODE_RECORD = "fedsb.node"  # ConfigRecord: partition-id, has-frozen (+ base-id it trained on)
 
 MISSING_SETUP = "missing-setup"  # error reason prefix: the server re-sends setup to that node
+MISSING_BASE = "missing-base"  # error reason prefix: the node lacks the folded base it must start from

@@ -15,6 +15,7 @@ aggregation costs Fed-SB nothing but the quantization error (measured in docs/fl
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,9 @@ class SumBridge(LegacyStrategy):
     aggregate: list[np.ndarray] | None = None
     results: list[FitRes] = field(default_factory=list)
     failures: int = 0
+    # sha256 of the parameters of every FitRes this strategy was handed: the evidence (recorded
+    # in metrics.jsonl) that it only ever saw one vector per round, the unmasked aggregate
+    received: list[str] = field(default_factory=list)
 
     def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]
         return None
@@ -50,6 +54,7 @@ class SumBridge(LegacyStrategy):
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         self.failures = len(failures)
         self.results = [fitres for _, fitres in results]
+        self.received = [parameters_digest(fitres.parameters) for fitres in self.results]
         if not results:
             return None, {}
         params = results[0][1].parameters  # the workflow put the unmasked aggregate in every FitRes
@@ -66,11 +71,20 @@ class SumBridge(LegacyStrategy):
         return None
 
 
+def parameters_digest(parameters: Parameters) -> str:
+    """sha256 over a `Parameters`' serialized arrays, in order."""
+    h = hashlib.sha256()
+    for tensor in parameters.tensors:
+        h.update(hashlib.sha256(tensor).digest())
+    return h.hexdigest()
+
+
 @dataclass
 class SecAggOutcome:
     mean: list[np.ndarray] | None
     results: list[FitRes]
     failures: int
+    received: list[str] = field(default_factory=list)  # SumBridge.received
 
 
 def secagg_round(
@@ -106,7 +120,7 @@ def secagg_round(
         timeout=timeout,
     )
     workflow(grid, legacy)
-    return SecAggOutcome(bridge.aggregate, bridge.results, bridge.failures)
+    return SecAggOutcome(bridge.aggregate, bridge.results, bridge.failures, bridge.received)
 
 
-__all__ = ["SumBridge", "SecAggOutcome", "secagg_round"]
+__all__ = ["SumBridge", "SecAggOutcome", "parameters_digest", "secagg_round"]

@@ -11,7 +11,11 @@ adds is handled here:
   disconnected clients are logged as missing, the round goes on with the others;
 - every upload is screened by `fedsb.federated.validation` before it reaches the strategy;
 - a checkpoint after every completed round (global R, round, RNG state, ledger, metrics);
-  `resume = true` continues from it and ends with the same result as an uninterrupted run.
+  `resume = true` continues from it and ends with the same result as an uninterrupted run;
+- FedEx/FLoRA change the base weights every round: each message names the base a node must
+  start from (a hash chain over the downloads, `task.next_base_id`), the server tracks which
+  base each node holds, and a node that missed a fold gets the server's base attached (a
+  "catch-up", counted in the ledger as `base_catchup` and logged).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
 from fedsb.adapter.inject import trainable_state
+from fedsb.aggregation import get_strategy
 from fedsb.config import ConfigError, ExperimentConfig, dump_config
 from fedsb.federated import comm
 from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
@@ -42,6 +47,7 @@ from fedsb.federated.validation import PayloadError, check_norm, clip_to_norm, e
 from fedsb.flower import codec, task
 from fedsb.flower.messaging import CountingGrid, exchange
 from fedsb.flower.protocol import (
+    BASE_RECORD,
     CONFIG_RECORD,
     DOWNLOAD_RECORD,
     FROZEN_RECORD,
@@ -54,7 +60,7 @@ from fedsb.flower.protocol import (
 )
 
 log = logging.getLogger("fedsb.flower")
-SUPPORTED_STRATEGIES = ("fedsb", "fedit", "ffa")
+SUPPORTED_STRATEGIES = ("fedsb", "fedit", "ffa", "fedex", "flora")
 
 
 class RoundFailed(RuntimeError):
@@ -65,13 +71,17 @@ def check_supported(config: ExperimentConfig, settings: task.RunSettings) -> Non
     """Refuse, with the reason, what the deployment engine does not do (yet)."""
     if config.federation.strategy not in SUPPORTED_STRATEGIES:
         raise ConfigError(
-            f"federation.strategy = {config.federation.strategy!r}: the Flower engine runs {', '.join(SUPPORTED_STRATEGIES)}; "
-            "FedEx and FLoRA fold updates into every client's base weights, which needs client-side state across rounds"
+            f"federation.strategy = {config.federation.strategy!r}: the Flower engine runs {', '.join(SUPPORTED_STRATEGIES)}"
         )
     if config.train.keep_optimizer_state:
         raise ConfigError("train.keep_optimizer_state = true is not supported by the Flower engine (clients are stateless between rounds)")
     if config.privacy.enabled:
         raise ConfigError("privacy.enabled = true is not supported by the Flower engine yet")
+    if config.init.method == "federated" and get_strategy(config.federation.strategy).adapter_kind == "lorasb":
+        raise ConfigError(
+            'init.method = "federated" is not supported by the Flower engine yet: its sketch rounds would run inside the '
+            "ServerApp on every partition's data instead of on the nodes; use \"central\" or \"random\""
+        )
     if settings.secagg and config.federation.strategy != "fedsb":
         raise ConfigError("secagg = true is wired for Fed-SB only (its aggregate is a plain weighted mean)")
 
@@ -113,6 +123,17 @@ class FlowerServer:
         self.events: list[dict[str, Any]] = []
         self.ledger = comm.CommLedger()
         self.resending = False  # True once the first setup is done: later B, A sends are re-sends
+        # FedEx/FLoRA: the base chain (see task.next_base_id). The current download applies to
+        # base `base_prev` and yields `base_id`, the server's own base; `holds` is the base each
+        # partition's node is known to hold (every node can rebuild the root from the config).
+        self.folds = get_strategy(self.config.federation.strategy).modifies_base
+        self.base_root = task.base_root(self.config_sha)
+        self.base_prev = self.base_id = self.base_root
+        self.base_round = 0
+        self.holds: dict[int, str] = {}
+        self.catchup_bytes = 0  # this round's catch-up bytes (metrics)
+        self._catchup: tuple[str, bytes, str] | None = None  # (base id, payload, sha256)
+        self.fed: Federation | None = None
 
     # --- logging -------------------------------------------------------------------------
 
@@ -165,6 +186,8 @@ class FlowerServer:
             if pid in self.node_of and self.node_of[pid] != nid:
                 self._event("duplicate-partition", node=nid, partition=pid, kept=self.node_of[pid])
                 continue
+            if pid in self.needs_setup:
+                self.holds.pop(pid, None)  # it lost its cache: no folded base either
             self.node_of[pid] = nid
             self.needs_setup.discard(pid)
             if self.frozen is not None and not bool(info["has-frozen"]):
@@ -177,14 +200,44 @@ class FlowerServer:
 
     # --- one round -----------------------------------------------------------------------
 
-    def _round_message(self, node_id: int, round_index: int, download: bytes, message_type: str) -> Message:
-        content = RecordDict(
-            {
-                DOWNLOAD_RECORD: codec.payload_record(download),
-                CONFIG_RECORD: ConfigRecord({"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha}),
-            }
-        )
-        return Message(content, dst_node_id=node_id, message_type=message_type, group_id=str(round_index + 1), ttl=self.settings.round_timeout + 60)
+    def _round_message(self, pid: int, round_index: int, download: bytes, message_type: str) -> Message:
+        fields: dict[str, Any] = {"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha}
+        content = RecordDict({DOWNLOAD_RECORD: codec.payload_record(download)})
+        if self.folds:
+            fields.update({"base-from": self.base_prev, "base-id": self.base_id, "base-round": self.base_round})
+            held = self.holds.get(pid, self.base_root)
+            if held not in (self.base_prev, self.base_id):
+                payload, digest = self._catchup_payload()
+                content[BASE_RECORD] = codec.payload_record(payload)
+                fields["base-sha256"] = digest
+                self.ledger.record_one_time("base_catchup", len(payload))
+                self.catchup_bytes += len(payload)
+                self._event("base-catchup", round=round_index + 1, partition=pid, message=message_type, bytes=len(payload), held=held[:12], needed=self.base_prev[:12])
+        content[CONFIG_RECORD] = ConfigRecord(fields)
+        return Message(content, dst_node_id=self.node_of[pid], message_type=message_type, group_id=str(round_index + 1), ttl=self.settings.round_timeout + 60)
+
+    def _catchup_payload(self) -> tuple[bytes, str]:
+        """The server's own base weights, which are the base `base_id` names (built once per base)."""
+        if self._catchup is None or self._catchup[0] != self.base_id:
+            assert self.fed is not None
+            payload = task.encode_base(self.fed)
+            self._catchup = (self.base_id, payload, task.sha256(payload))
+        return self._catchup[1], self._catchup[2]
+
+    def _advance_base(self, download: bytes, round_index: int) -> None:
+        """The next download (used in round `round_index`) applies to the current base."""
+        if self.folds:
+            self.base_prev, self.base_round = self.base_id, round_index
+            self.base_id = task.next_base_id(self.base_prev, download, round_index)
+
+    def _note_base(self, pid: int, reply: Message) -> str:
+        """Record which base a node answered from; return it ("" if it named none)."""
+        if not self.folds:
+            return ""
+        got = str(reply.content.config_records[NODE_RECORD].get("base-id", "")) if NODE_RECORD in reply.content.config_records else ""
+        if got == self.base_id:
+            self.holds[pid] = got
+        return got
 
     def _screen(self, fed: Federation, replies: dict[int, Message], shapes: dict[str, tuple[int, ...]], base: dict[str, Tensor], round_index: int) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, float]], dict[int, str], dict[int, int]]:
         """Parse and check every reply; return accepted updates, their metrics, rejections, sizes."""
@@ -196,6 +249,8 @@ class FlowerServer:
         sizes: dict[int, int] = {}
         for pid, reply in sorted(replies.items()):
             try:
+                if self.folds and (got := self._note_base(pid, reply)) != self.base_id:
+                    raise PayloadError(f"trained on base {got[:12] or '(none)'}, the round's base is {self.base_id[:12]}")
                 record = reply.content.array_records.get(UPDATE_RECORD)
                 payload = codec.payload_from_record(record, max_bytes=max_bytes)
                 sizes[pid] = len(payload)
@@ -222,7 +277,7 @@ class FlowerServer:
         shapes = {k: tuple(v.shape) for k, v in base.items()}
         live = [pid for pid in sampled if pid in self.node_of and pid not in self.needs_setup]
         missing: dict[int, str] = {pid: "no SuperNode holds this partition" for pid in sampled if pid not in live}
-        messages = [self._round_message(self.node_of[pid], round_index, download, "train") for pid in live]
+        messages = [self._round_message(pid, round_index, download, "train") for pid in live]
         pid_of = {self.node_of[pid]: pid for pid in live}
         for pid in live:
             ledger.record_down(round_index, pid, len(download))
@@ -234,6 +289,7 @@ class FlowerServer:
                 reason = reply.error.reason
                 if MISSING_SETUP in reason:
                     self.needs_setup.add(pid)
+                    self.holds.pop(pid, None)
                 missing[pid] = f"client error: {reason.strip().splitlines()[-1] if reason.strip() else reason}"
             else:
                 replies[pid] = reply
@@ -249,7 +305,7 @@ class FlowerServer:
             raise RoundFailed(
                 f"round {round_index + 1}: {len(accepted)} accepted updates of {len(sampled)} sampled, min-replies = {self.settings.min_replies}"
             )
-        for pid, update in sorted(accepted.items()):
+        for pid, update in sorted(accepted.items()):  # `sampled` is sorted: the simulation's order
             if meter is not None:
                 fed.strategy.load_global(fed.model, update)
                 meter.add_client(fed.model, fed.strategy.client_weight(fed.clients[pid].num_examples))
@@ -282,6 +338,9 @@ class FlowerServer:
             raise RoundFailed(f"round {round_index + 1}: secure aggregation ended with {len(outcome.results)} results (min-replies = {self.settings.min_replies})")
         mean = codec.ndarrays_to_state(outcome.mean, names, shapes)
         fed.strategy.add(fed.model, mean, 1)  # one entry whose mean is the secure weighted mean
+        # What the server side was handed: one distinct vector (the aggregate, in every FitRes),
+        # never a client's own R; its fp32 payload's sha256 is that of the new global R.
+        received = {"fit_results": len(outcome.received), "distinct_vectors": len(set(outcome.received)), "strategy_adds": 1, "aggregate_sha256": task.sha256(comm.encode(mean, "fp32"))}
         contributors = sorted(int(r.metrics["partition-id"]) for r in outcome.results)
         metrics = {int(r.metrics["partition-id"]): {"loss": float(r.metrics["loss"]), "steps": float(r.metrics["steps"]), "tokens": float(r.metrics["tokens"]), "seconds": float(r.metrics["seconds"]), "num-examples": float(fed.clients[int(r.metrics["partition-id"])].num_examples)} for r in outcome.results}
         # Under SecAgg+ no safetensors payload exists: what each client sends and receives is
@@ -294,7 +353,7 @@ class FlowerServer:
         missing.update({pid: "no SuperNode holds this partition" for pid in sampled if pid not in live})
         for pid, reason in sorted(missing.items()):
             self._event("missing", round=round_index + 1, partition=pid, reason=reason)
-        return {"accepted": contributors, "missing": missing, "rejected": {}, "client_metrics": metrics, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start}
+        return {"accepted": contributors, "missing": missing, "rejected": {}, "client_metrics": metrics, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start, "secagg_aggregate": received}
 
     def run_round(self, fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
         fcfg = self.config.federation
@@ -303,6 +362,7 @@ class FlowerServer:
         sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=self.config.seed, round_index=round_index)
         wall = time.perf_counter()
         self.grid.reset()
+        self.catchup_bytes = 0
         fed.strategy.begin_round(fed.model)
         if meter is not None and not self.settings.secagg:
             meter.begin_round(fed.model, snapshot_base=fed.strategy.modifies_base)
@@ -346,6 +406,8 @@ class FlowerServer:
                 "secagg": self.settings.secagg,
                 "message_bytes_down": sum(self.grid.sent.values()),
                 "message_bytes_up": sum(self.grid.received.values()),
+                **({"base_catchup_bytes": self.catchup_bytes} if self.folds else {}),
+                **({"secagg_aggregate": info["secagg_aggregate"]} if "secagg_aggregate" in info else {}),
             },
         }
         return metrics, encoded
@@ -353,16 +415,59 @@ class FlowerServer:
     # --- federated evaluation ------------------------------------------------------------
 
     def federated_eval(self, round_index: int, download: bytes) -> dict[str, float]:
-        nodes = [(pid, nid) for pid, nid in sorted(self.node_of.items()) if pid not in self.needs_setup]
-        ex = exchange(self.grid, [self._round_message(nid, round_index, download, "evaluate") for _, nid in nodes], timeout=self.settings.round_timeout)
+        nodes = [pid for pid in sorted(self.node_of) if pid not in self.needs_setup]
+        ex = exchange(self.grid, [self._round_message(pid, round_index, download, "evaluate") for pid in nodes], timeout=self.settings.round_timeout)
+        pid_of = {self.node_of[pid]: pid for pid in nodes}
         total, count = 0.0, 0.0
-        for _, reply in ex.replies:
-            if reply.has_error():
+        for nid, reply in ex.replies:
+            if reply.has_error() or (self.folds and self._note_base(pid_of[nid], reply) != self.base_id):
                 continue
             m = reply.content.metric_records[METRICS_RECORD]
             total += float(m["loss"]) * float(m["num-examples"])
             count += float(m["num-examples"])
         return {"loss": total / count if count else float("nan"), "nodes": len(ex.replies)}
+
+    # --- FedEx/FLoRA across a server restart ----------------------------------------------
+
+    def _download_path(self, digest: str) -> Path:
+        return self.out_dir / "checkpoint" / f"flower-download-{digest}.safetensors"
+
+    def _save_base_chain(self, download: bytes) -> dict[str, Any]:
+        """Keep the next download's exact bytes (FedEx residuals, FLoRA stacks: the checkpoint's
+        folded base holds them only as a sum) and the chain state, for `resume`."""
+        if not self.folds:
+            return {}
+        digest = task.sha256(download)
+        atomic_write_bytes(self._download_path(digest), download)
+        holds = {str(pid): base for pid, base in self.holds.items()}
+        return {"flower_base": {"prev": self.base_prev, "id": self.base_id, "round": self.base_round, "holds": holds, "download_sha256": digest}}
+
+    def _drop_old_downloads(self, download: bytes) -> None:
+        if self.folds:
+            keep = self._download_path(task.sha256(download)).name
+            for path in (self.out_dir / "checkpoint").glob("flower-download-*.safetensors"):
+                if path.name != keep:
+                    path.unlink(missing_ok=True)
+
+    def _restore_base_chain(self, meta: dict[str, Any], fed: Federation, start_round: int) -> bytes:
+        """The download and base chain of the interrupted run; if its saved download is gone,
+        a download of the same shapes (zeros where the fold was) and a catch-up for every node."""
+        chain = meta.get("flower_base") or {}
+        digest = str(chain.get("download_sha256", ""))
+        path = self._download_path(digest) if len(digest) == 64 else None
+        data = path.read_bytes() if path is not None and path.exists() else b""
+        if data and task.sha256(data) == digest:
+            self.base_prev, self.base_id, self.base_round = chain["prev"], chain["id"], int(chain["round"])
+            self.holds = {int(pid): base for pid, base in chain["holds"].items()}
+            return data
+        state = trainable_state(fed.model, fed.head_modules)
+        rebuilt = {k: state[k] if k in state and list(state[k].shape) == shape else torch.zeros(shape) for k, shape in meta["download_shapes"].items()}
+        download = comm.encode(rebuilt, self.config.federation.wire_dtype)
+        self.base_id = chain.get("id") or task.sha256(f"resync\n{self.base_root}\n{start_round}")
+        self._advance_base(download, start_round)
+        self.holds = {}
+        self._event("base-resync", round=start_round + 1, reason="the checkpoint's download is missing: every node gets the server's base")
+        return download
 
     # --- the run -------------------------------------------------------------------------
 
@@ -370,7 +475,7 @@ class FlowerServer:
         cfg = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter()
-        fed = build_federation(cfg)
+        fed = self.fed = build_federation(cfg)
         ledger = self.ledger
         meter = ExactnessMeter() if cfg.federation.measure_exactness else None
         rows: list[dict[str, Any]] = []
@@ -396,10 +501,13 @@ class FlowerServer:
             self.frozen = comm.encode(task.frozen_state(fed), cfg.init.broadcast_dtype)
             self.frozen_sha = task.sha256(self.frozen)
         download = comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype)
+        if resume and self.folds:
+            download = self._restore_base_chain(meta, fed, start_round)
         nodes = self._wait_for_nodes()
         self._setup(nodes, with_frozen=not resume)
         for r in range(start_round, cfg.federation.rounds):
             metrics, download = self.run_round(fed, r, download, ledger, meter)
+            self._advance_base(download, r + 1)
             every = cfg.task.eval_every
             if r == cfg.federation.rounds - 1 or (every and (r + 1) % every == 0):
                 metrics["eval"] = evaluate_federation(fed)
@@ -407,6 +515,7 @@ class FlowerServer:
                 metrics["federated_eval"] = self.federated_eval(r, download)
             rows.append(metrics)
             atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+            chain = self._save_base_chain(download)
             save_checkpoint(
                 self.out_dir,
                 fed.model,
@@ -425,8 +534,10 @@ class FlowerServer:
                     "engine": "flower",
                     "config_sha256": self.config_sha,
                     "rng": _rng_state(),
+                    **chain,
                 },
             )
+            self._drop_old_downloads(download)
             log.warning("round %d/%d done: %d accepted, %.1f s", r + 1, cfg.federation.rounds, len(metrics.get("accepted", [])), metrics["seconds"]["round_wall"])
         save_adapter(fed.model, self.out_dir / "adapter", fed.head_modules, base_model=cfg.model.name)
         summary = summarize(cfg, rows, ledger, init_info, before, time.perf_counter() - wall)

@@ -7,6 +7,14 @@ agree to the last bit the hardware allows. The server ships the experiment confi
 once per node (setup), and the frozen B, A once (init broadcast); the node keeps both in a
 local cache addressed by sha256 and verifies the hash on every load. Afterwards a round moves
 only R (and any head).
+
+FedEx and FLoRA also change the *base* weights every round (the server folds the residual, or
+the stacked adapters, into them, and the download carries what a client must fold). A
+ClientApp process lives for one message, so a node keeps its folded base in the same cache,
+named by a hash chain over the downloads it folded (`next_base_id`), and rebuilds its model
+from it each round (`node_federation`). The server names the base a round starts from and the
+one it must end at; a node that lacks them is sent the server's base (a catch-up, counted
+apart) or answers `missing-base`; it never trains on another base.
 """
 
 from __future__ import annotations
@@ -151,6 +159,53 @@ class NodeCache:
     def has(self, kind: str, digest: str) -> bool:
         return self.get(kind, digest) is not None
 
+    # named entries: a name (itself a sha256, e.g. a base id) -> content stored as above
+
+    def put_named(self, kind: str, name: str, data: bytes) -> str:
+        digest = self.put(kind, data)
+        atomic_write_bytes(self._path(f"{kind}-id", name), digest.encode())
+        return digest
+
+    def get_named(self, kind: str, name: str) -> bytes | None:
+        """The content stored under `name`, hash-verified; None (and the entry dropped) if it
+        is missing or does not match its hash."""
+        path = self._path(f"{kind}-id", name)
+        if not path.exists():
+            return None
+        try:
+            data = self.get(kind, path.read_text().strip())
+        except ValueError:  # not a digest: a damaged index file
+            data = None
+        if data is None:
+            path.unlink(missing_ok=True)
+        return data
+
+    def prune_named(self, kind: str, keep: int) -> None:
+        """Keep the `keep` most recently written named entries of `kind`, drop the others."""
+        def mtime(p: Path) -> float:
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        prefix = f"{kind}-id-"
+        index = [p for p in self.root.glob(prefix + "*") if len(p.name) == len(prefix) + 64]  # not temp files
+        index.sort(key=mtime, reverse=True)
+        kept = set()
+        for path in index[:keep]:
+            try:
+                kept.add(path.read_text().strip())
+            except OSError:
+                pass
+        for path in index[keep:]:
+            try:
+                digest = path.read_text().strip()
+            except OSError:
+                continue
+            path.unlink(missing_ok=True)
+            if digest not in kept and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+                self._path(kind, digest).unlink(missing_ok=True)
+
 
 def node_cache(node_config: dict[str, Any]) -> NodeCache:
     root = node_config.get("cache-dir") or os.environ.get("FEDSB_FLOWER_CACHE") or None
@@ -160,10 +215,16 @@ def node_cache(node_config: dict[str, Any]) -> NodeCache:
 # --- client side -----------------------------------------------------------------------------
 
 _FEDERATIONS: dict[tuple[str, str], Federation] = {}
+_BASE_IDS: dict[tuple[str, str], str] = {}  # the base id each cached federation's model holds ("" unknown)
 
 
 class MissingSetup(RuntimeError):
     """The node lacks the config or the frozen B, A the server refers to (it re-sends them)."""
+
+
+class MissingBase(RuntimeError):
+    """FedEx/FLoRA: the node lacks the folded base the round starts from (the server sends
+    its base with the next message to this node)."""
 
 
 def frozen_state(fed: Federation) -> dict[str, Tensor]:
@@ -180,10 +241,11 @@ def needs_frozen_broadcast(config: ExperimentConfig) -> bool:
     return get_strategy(config.federation.strategy).adapter_kind == "lorasb" and config.init.method in ("central", "federated")
 
 
-def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str) -> Federation:
-    """The node's Federation for this config, built once per process, B and A in place."""
+def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str, *, fresh: bool = False) -> Federation:
+    """The node's Federation for this config, built once per process, B and A in place
+    (`fresh`: build it again, e.g. to get back the unfolded base)."""
     key = (config_sha, frozen_sha)
-    if key in _FEDERATIONS:
+    if key in _FEDERATIONS and not fresh:
         return _FEDERATIONS[key]
     text = cache.get("config", config_sha)
     if text is None:
@@ -202,19 +264,111 @@ def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str) -> Fed
         init_random(adapter_layers(fed.model), seed=config.seed)
     mark_trainable(fed.model, fed.head_modules)
     _FEDERATIONS.clear()  # one federation per process: a new config replaces the old
+    _BASE_IDS.clear()
     _FEDERATIONS[key] = fed
+    _BASE_IDS[key] = base_root(config_sha)
     return fed
 
 
-def global_state_from_download(fed: Federation, download: bytes) -> dict[str, Tensor]:
-    """What a client starts from, exactly as `run_round` builds it: the trainable tensors, with
-    the downloaded values wherever names and shapes match."""
-    state = trainable_state(fed.model, fed.head_modules)
+# --- FedEx / FLoRA: the folded base weights ---------------------------------------------------
+
+BASE_KIND = "base"
+KEEP_BASES = 2  # folded bases a node keeps on disk (the current one and its predecessor)
+
+
+def base_root(config_sha: str) -> str:
+    """Id of the unfolded base (what the config's model loads): every node can rebuild it."""
+    return sha256(f"fedsb-base-root\n{config_sha}")
+
+
+def next_base_id(prev: str, download: bytes, round_index: int) -> str:
+    """Id of base `prev` after a client applied the download of round `round_index` to it: a
+    hash chain over the downloads, so equal ids mean the same folds in the same order. Round
+    0's download (the seeded init) folds nothing."""
+    if round_index == 0:
+        return prev
+    return sha256(f"{prev}\n{sha256(download)}")
+
+
+def base_state(fed: Federation) -> dict[str, Tensor]:
+    """The base weights of the adapted modules: all FedEx and FLoRA ever change."""
+    return {name: layer.base_layer.weight.detach() for name, layer in adapter_layers(fed.model).items()}
+
+
+def encode_base(fed: Federation) -> bytes:
+    """The base weights as safetensors, exact (fp32 holds an fp32, bf16 or fp16 base)."""
+    return comm.encode(base_state(fed), "fp32")
+
+
+def load_base(fed: Federation, data: bytes) -> None:
+    expected = {k: tuple(v.shape) for k, v in base_state(fed).items()}
+    tensors, _ = comm.decode(data, expected=expected)
+    with torch.no_grad():
+        for name, layer in adapter_layers(fed.model).items():
+            layer.base_layer.weight.copy_(tensors[name])
+
+
+def prepare_base(fed: Federation, cache: NodeCache, key: tuple[str, str], fields: Any, download: bytes, catchup: bytes | None) -> str:
+    """Bring the model's base to the one the server's message names and apply the download
+    (`Strategy.apply_download`); return the base id the node will train on.
+
+    The message names `base-from` (the base the round's download applies to), `base-id` (the
+    result) and `base-round`. The node uses, in this order: the server's catch-up base, the
+    base already in memory, its cached `base-id`, or `base-from` (in memory or cached) plus the
+    download's fold. Anything else raises `MissingBase`: never a silent stale base.
+    """
+    base_from, base_id, rnd = str(fields["base-from"]), str(fields["base-id"]), int(fields["base-round"])
+    if next_base_id(base_from, download, rnd) != base_id:
+        raise ValueError("the download does not match the base chain the server announced")
+    current = _BASE_IDS.get(key, "")
+    fold = False
+    if catchup is not None:
+        if sha256(catchup) != str(fields["base-sha256"]):
+            raise ValueError("the catch-up base does not match its announced sha256")
+        _BASE_IDS[key] = ""
+        load_base(fed, catchup)
+        cache.put_named(BASE_KIND, base_id, catchup)
+        cache.prune_named(BASE_KIND, KEEP_BASES)
+    elif current == base_id:
+        pass
+    elif (data := cache.get_named(BASE_KIND, base_id)) is not None:
+        _BASE_IDS[key] = ""
+        load_base(fed, data)
+    elif current == base_from:
+        fold = True
+    elif (data := cache.get_named(BASE_KIND, base_from)) is not None:
+        _BASE_IDS[key] = ""
+        load_base(fed, data)
+        fold = True
+    else:
+        raise MissingBase(f"base {base_from[:12]} (round {rnd}) is neither in memory nor in the node cache")
+    _BASE_IDS[key] = ""
     received, _ = comm.decode(download)
-    for key, value in received.items():
-        if key in state and value.shape == state[key].shape:
-            state[key] = value
-    return state
+    fed.strategy.apply_download(fed.model, received, rnd, fold=fold)
+    if fold and rnd > 0:
+        cache.put_named(BASE_KIND, base_id, encode_base(fed))
+        cache.prune_named(BASE_KIND, KEEP_BASES)
+    _BASE_IDS[key] = base_id
+    return base_id
+
+
+def node_federation(cache: NodeCache, fields: Any, download: bytes, catchup: bytes | None = None) -> tuple[Federation, str]:
+    """The node's Federation, ready for this round: for FedEx/FLoRA with the base the server
+    named (returns its id); for the other strategies the base never changes (id "")."""
+    config_sha, frozen_sha = str(fields["config-sha256"]), str(fields["frozen-sha256"])
+    key = (config_sha, frozen_sha)
+    fed = client_federation(cache, config_sha, frozen_sha)
+    if not fed.strategy.modifies_base:
+        return fed, ""
+    root = base_root(config_sha)
+    if catchup is None and str(fields["base-from"]) == root and _BASE_IDS.get(key) not in (root, str(fields["base-id"])):
+        fed = client_federation(cache, config_sha, frozen_sha, fresh=True)  # the unfolded base again
+    return fed, prepare_base(fed, cache, key, fields, download, catchup)
+
+
+def global_state_from_download(fed: Federation, download: bytes) -> dict[str, Tensor]:
+    """What a client starts from, exactly as `run_round` builds it."""
+    return fed.strategy.client_start_state(fed.model, comm.decode(download)[0])
 
 
 def train_partition(fed: Federation, partition_id: int, round_index: int, global_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
