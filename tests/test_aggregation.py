@@ -141,3 +141,45 @@ def test_unweighted_mode_is_the_plain_mean():
         strategy.add(model, {key: torch.full((2, 2), 3.0)}, 99)
         strategy.finish(model, 0)
         assert torch.allclose(trainable_state(model)[key], torch.full((2, 2), expected))
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("probes", [0, 256])
+def test_meter_sees_factors_changed_in_place(factor, probes):
+    """The meter caches fp64 factors (and sums Fed-SB's R A V before meeting B) between
+    clients; a factor changed in place must still be measured."""
+    model = Stack([(12, 10)])
+    inject_adapters(model, "all-linear", kind="lorasb", rank=4)
+    init_random(adapter_layers(model), seed=0)
+    layer = next(iter(adapter_layers(model).values()))
+    with torch.no_grad():
+        layer.R.weight.normal_()
+    meter = ExactnessMeter(probes=probes)
+    meter.begin_round(model, snapshot_base=False)
+    deltas = []
+    for shift in (0.0, 0.5):
+        with torch.no_grad():
+            getattr(layer, factor).add_(shift)  # a client that (wrongly) changed a frozen factor
+        deltas.append((layer.lora_B @ layer.R.weight @ layer.lora_A).double() * layer.scaling)
+        meter.add_client(model, 1.0)
+    (error,) = meter.finish(model).values()
+    mean = (deltas[0] + deltas[1]) / 2
+    expected = ((deltas[1] - mean).norm() / mean.norm()).item()
+    assert expected > 1e-2
+    if probes:
+        assert 0.7 < error / expected < 1.4  # a Hutchinson estimate
+    else:
+        assert error == pytest.approx(expected, rel=1e-6)
+
+
+def test_flora_with_one_client_starts_from_the_fresh_init_not_the_stack():
+    """With one client FLoRA's stack has the adapter's own shape; it is merged into the base,
+    never loaded as the next round's starting adapter (that would count it twice)."""
+    strategy, model, _, _ = federate("flora", [(12, 10)], 4, [7], seed=0)
+    fresh = trainable_state(model)  # after finish: the reseeded LoRA the next round starts from
+    stack = {k: v + 1.0 for k, v in fresh.items()}  # what the server sends, same names and shapes
+    start = strategy.client_start_state(model, stack)
+    assert all(torch.equal(start[k], fresh[k]) for k in fresh)
+    fedsb, sb_model, _, _ = federate("fedsb", [(12, 10)], 4, [7], seed=0)
+    sent = {k: v + 1.0 for k, v in trainable_state(sb_model).items()}
+    assert all(torch.equal(fedsb.client_start_state(sb_model, sent)[k], sent[k]) for k in sent)

@@ -72,3 +72,31 @@ def test_demo_machinery_on_tiny_model(tmp_path, monkeypatch):
     assert result["fedsb"]["upload_bytes_per_client_round"] < result["fedit"]["upload_bytes_per_client_round"]
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text()) == result
+
+
+def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_path, monkeypatch):
+    from fedsb.federated import server
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    data = json.loads(json.dumps(TINY))
+    data["federation"]["rounds"] = 1
+    (configs / "tiny.toml").write_text(tomli_w.dumps(data))
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nprose before\n\n<!-- fedsb results: begin -->\nold\n<!-- fedsb results: end -->\n\nprose after\n")
+    calls = []
+    real = server.evaluate_federation
+    monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
+    args = ["results", "--experiment", "tiny", "--strategy", "fedsb", "--strategy", "fedit", "--configs", str(configs),
+            "--out", str(tmp_path / "runs"), "--doc", str(doc), "--baseline-rank", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 3  # base model once, then the end of each strategy's round
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nprose before") and text.rstrip().endswith("prose after") and "old" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| base model (no fine-tuning)", "| fedsb", "| fedit"]
+    assert "| fedit | 2 |" in text
+    # finished runs are kept: a second call evaluates nothing and writes the same section
+    calls.clear()
+    assert runner.invoke(app, args).exit_code == 0 and calls == [] and doc.read_text() == text

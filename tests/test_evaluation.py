@@ -300,3 +300,27 @@ def test_evaluate_loglik(model, tok):
 def test_evaluate_empty(model, tok):
     res = evaluate(model, tok, EchoTask(), [], progress=False)
     assert res["n"] == 0 and res["accuracy"] == 0.0 and res["ci95"] == [0.0, 1.0]
+
+
+class _NoCache(torch.nn.Module):
+    """The same model, but its outputs carry no KV cache (as some wrappers do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        out.cache = None
+        out.past_key_values = None
+        return out
+
+
+def test_loglik_without_a_cache_scores_each_option_alone(model, tok):
+    prompts = [PROMPTS[1], PROMPTS[4]]
+    options = [[" Paris", " London town", " a"], [" wizard", " b c d e"]]
+    shared = loglik_scores(model, tok, prompts, options, batch_size=4, precision="fp32")
+    alone = loglik_scores(_NoCache(model), tok, prompts, options, batch_size=4, precision="fp32")
+    for a, b in zip(shared, alone):
+        assert a == pytest.approx(b, abs=1e-4)

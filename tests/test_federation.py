@@ -131,3 +131,32 @@ def test_federated_init_one_client_equals_central_init(tmp_path):
     init_from_gradients(layers, grads, lr_eff=effective_lr(cfg.train.lr, cfg.train.warmup_ratio, fed.mean_total_steps()), oversample=cfg.init.oversample, power_iters=0, seed=cfg.seed)
     for name, layer in layers.items():
         torch.testing.assert_close(layer.delta_weight(), federated[name], rtol=1e-4, atol=1e-6)
+
+
+def test_accuracy_before_is_the_base_model_and_init_is_scored_apart(tmp_path, monkeypatch):
+    """The LoRA-SB init already moves the model; "before" must be the base model, not the init."""
+    from fedsb.adapter.inject import adapter_layers
+    from fedsb.federated import server
+
+    r_norms = []
+    real = server.evaluate_federation
+
+    def recording(fed):
+        r_norms.append(sum(float(layer.R.weight.norm()) for layer in adapter_layers(fed.model).values()))
+        return real(fed)
+
+    monkeypatch.setattr(server, "evaluate_federation", recording)
+    summary = run_experiment(make_config(task={"eval_init": True}, federation={"rounds": 1}), tmp_path)
+    assert r_norms[0] == 0.0  # before: every adapter is a no-op
+    assert r_norms[1] > 0.0  # right after the init
+    assert summary["init"]["eval"]["n"] == summary["eval_before"]["n"]
+
+
+def test_init_step_scale_is_configurable_and_a_large_one_warns(tmp_path):
+    from fedsb.federated.server import build_federation
+
+    fed = build_federation(make_config(init={"lr_eff": 2e-5}))
+    assert fed.init_lr_eff() == 2e-5
+    fed = build_federation(make_config())  # lr 5e-3, under one warm-up step: the paper's rule gives 5e-3
+    with pytest.warns(UserWarning, match="init.lr_eff"):
+        assert fed.init_lr_eff() == pytest.approx(5e-3)

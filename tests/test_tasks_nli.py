@@ -180,3 +180,37 @@ def test_public_part_does_not_depend_on_eval_fraction(tmp_path):
     b = SNLITask(path=path, eval_fraction=0.4, public_fraction=0.1).parts()
     assert a["public"] == b["public"]
     assert not ({e.text_b for e in b["train"]} & {e.text_b for e in a["public"]})
+
+
+class _PairTokenizer:
+    """BERT-like: [CLS] a [SEP] b [SEP], segment 0 then 1 (one id per word)."""
+
+    pad_token_id = 0
+
+    def __call__(self, a, b, truncation=True, max_length=64):
+        wa, wb = a.split(), b.split()
+        ids = [101, *range(1000, 1000 + len(wa)), 102, *range(2000, 2000 + len(wb)), 102]
+        types = [0] * (len(wa) + 2) + [1] * (len(wb) + 1)
+        return {"input_ids": ids[:max_length], "token_type_ids": types[:max_length]}
+
+
+class _RecordsSegments(_Constant):
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        self.seen = token_type_ids
+        return super().forward(input_ids, attention_mask)
+
+
+def test_sentence_pairs_carry_segment_ids_in_training_and_evaluation(tmp_path):
+    from fedsb.data import collate, tokenize_pair
+    from fedsb.tasks.base import PairExample
+
+    tok = _PairTokenizer()
+    short, long = PairExample("a b", "c", 0), PairExample("a b c", "d e", 1)
+    batch = collate([tokenize_pair(short, tok, 64), tokenize_pair(long, tok, 64)], 0, classification=True)
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1]]
+    assert batch["labels"].tolist() == [0, 1]
+
+    model = _RecordsSegments(0)
+    task = SNLITask(path=str(fixture(tmp_path, 40)))
+    task.evaluate_model(model, tok, task.eval_examples(), batch_size=64, precision="fp32")
+    assert model.seen is not None and int(model.seen.max()) == 1  # the hypothesis is segment 1

@@ -60,6 +60,10 @@ class InitConfig:
     power_iters: int = 2
     data: str = "clients"  # central init: "clients" (pooled sample, the paper) or "public:<task>"
     broadcast_dtype: str = "fp32"
+    # Scale of the sign step U = -lr_eff sign(G). 0: train.lr / warm-up steps (the paper). Set it
+    # when R's learning rate is far from full fine-tuning's, e.g. a few steps at lr 5e-3, where
+    # the paper's rule would put a full-size step of 5e-3 on every weight and break the model.
+    lr_eff: float = 0.0
 
     def validate(self) -> None:
         _one_of("init.method", self.method, ("central", "federated", "random"))
@@ -68,6 +72,7 @@ class InitConfig:
         _positive("init.batch_size", self.batch_size)
         _positive("init.oversample", self.oversample, zero_ok=True)
         _positive("init.power_iters", self.power_iters, zero_ok=True)
+        _positive("init.lr_eff", self.lr_eff, zero_ok=True)
         if not (self.data == "clients" or self.data.startswith("public:")):
             raise ConfigError(f"init.data = {self.data!r}: allowed values are 'clients' or 'public:<task name>'")
 
@@ -136,8 +141,9 @@ class TaskConfig:
     eval_batch_size: int = 32
     max_new_tokens: int | None = None
     eval_every: int = 0  # evaluate every k rounds (0: before and after training only)
+    eval_init: bool = False  # also evaluate right after the LoRA-SB init (it already moves the model)
     eval_tasks: list[str] = field(default_factory=list)  # evaluate on these instead (e.g. gsm8k, math)
-    eval_options: dict[str, Any] = field(default_factory=dict)  # per eval task: {name: {option: value}}
+    eval_options: dict[str, Any] = field(default_factory=dict)  # per eval task: {name: {option: value}}; eval_limit too
 
     def validate(self) -> None:
         from fedsb.tasks import task_names

@@ -23,6 +23,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on the prompt
     key: str | None = None
+    token_type_ids: list[int] | None = None  # sentence pairs (BERT): 0 for the first, 1 for the second
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,8 +43,9 @@ def tokenize_example(example: Example, tokenizer: Any, template: str, max_length
 
 
 def tokenize_pair(example: PairExample, tokenizer: Any, max_length: int) -> Tokenized:
+    """Premise and hypothesis as one sequence, with the segment ids BERT was pre-trained with."""
     enc = tokenizer(example.text_a, example.text_b, truncation=True, max_length=max_length)
-    return Tokenized(enc["input_ids"], [example.label], example.key)
+    return Tokenized(enc["input_ids"], [example.label], example.key, enc.get("token_type_ids"))
 
 
 def tokenize_all(examples: Sequence[Any], tokenizer: Any, template: str, max_length: int) -> list[Tokenized]:
@@ -64,13 +66,21 @@ def collate(items: Sequence[Tokenized], pad_id: int, classification: bool = Fals
     for row, it in enumerate(items):
         ids[row, : len(it)] = torch.tensor(it.input_ids)
         mask[row, : len(it)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if any(it.token_type_ids is not None for it in items):
+        types = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            if it.token_type_ids is not None:
+                types[row, : len(it)] = torch.tensor(it.token_type_ids)
+        batch["token_type_ids"] = types
     if classification:
         labels = torch.tensor([it.labels[0] for it in items], dtype=torch.long)
     else:
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         for row, it in enumerate(items):
             labels[row, : len(it)] = torch.tensor(it.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch["labels"] = labels
+    return batch
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator, bucket: int = 16) -> list[list[int]]:

@@ -409,39 +409,90 @@ def loglik_scores(
     precision: str = "auto",
     progress: bool = False,
 ) -> list[list[float]]:
-    """Summed log-probability of each option's tokens given its prompt."""
+    """Summed log-probability of each option's tokens given its prompt.
+
+    Each prompt runs once: its KV cache is copied to every option, which then costs only its own
+    few tokens (multiple-choice prompts are long and options like "answer3" short, so this is
+    ~options-times less compute). Models that return no cache are scored per (prompt, option).
+    """
     if len(prompts) != len(options_per_prompt):
         raise ValueError("prompts and options_per_prompt differ in length")
-    reqs: list[tuple[int, int, list[int], int]] = []
-    for i, (prompt, options) in enumerate(zip(prompts, options_per_prompt)):
-        for j, opt in enumerate(options):
-            ids, n_opt = _split_request(tokenizer, prompt, opt)
-            reqs.append((i, j, ids, n_opt))
+    requests = [[_split_request(tokenizer, p, o) for o in opts] for p, opts in zip(prompts, options_per_prompt)]
     scores = [[0.0] * len(opts) for opts in options_per_prompt]
-    order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][2]))
-    device, pad_id = _device(model), _pad_id(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: -len(requests[i][0][0]) if requests[i] else 0)
+    order = [i for i in order if requests[i]]
     with _inference(model, precision), _progress(progress, "loglik") as bar:
-        task_id = bar.add_task("ll", total=len(reqs), rate="") if bar else None
-        for idx in _batches(order, batch_size):
-            batch = [reqs[r] for r in idx]
-            ids, mask = _left_pad([b[2] for b in batch], pad_id, device)
-            # Left padding: positions must count real tokens only, as in unpadded inputs.
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            keep = max(b[3] for b in batch) + 1
-            try:
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                               logits_to_keep=keep).logits
-            except TypeError:  # a wrapper without logits_to_keep
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            logp = logits[:, -keep:].float().log_softmax(-1)
-            width = ids.shape[1]
-            for row, (i, j, _, n_opt) in enumerate(batch):
-                target = ids[row, width - n_opt:]
-                # logits at position p predict token p+1; logp[:, k] is position width-keep+k.
-                lp = logp[row, keep - n_opt - 1: keep - 1]
-                scores[i][j] = float(lp.gather(-1, target[:, None]).sum())
+        task_id = bar.add_task("ll", total=len(order), rate="") if bar else None
+        for idx in _batches(order, max(1, batch_size // 2)):
+            if not _score_shared_prefix(model, tokenizer, [requests[i] for i in idx], [scores[i] for i in idx]):
+                return _loglik_per_option(model, tokenizer, requests, scores, batch_size)
             if bar is not None:
                 bar.update(task_id, advance=len(idx))
+    return scores
+
+
+def _score_shared_prefix(
+    model: torch.nn.Module, tokenizer: Any, batch: list[list[tuple[list[int], int]]], out: list[list[float]]
+) -> bool:
+    """Score one batch of prompts (each a list of (ids, option length)) into `out`; False if
+    the model returns no cache to share."""
+    device, pad_id = _device(model), _pad_id(model, tokenizer)
+    contexts = [reqs[0][0][: len(reqs[0][0]) - reqs[0][1]] for reqs in batch]  # the same for every option
+    ids, mask = _left_pad(contexts, pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = first.cache if getattr(first, "cache", None) is not None else getattr(first, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return False
+    first_logp = first.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
+    rows = [(p, j) for p, reqs in enumerate(batch) for j in range(len(reqs))]
+    options = [batch[p][j][0][len(contexts[p]):] for p, j in rows]
+    width = max(len(o) for o in options)
+    opt_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    opt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, o in enumerate(options):
+        opt_ids[r, : len(o)] = torch.tensor(o)
+        opt_mask[r, : len(o)] = 1
+    owner = torch.tensor([p for p, _ in rows], device=device)
+    cache.batch_select_indices(owner)  # each option row gets a copy of its prompt's cache
+    full_mask = torch.cat([mask[owner], opt_mask.to(device)], dim=1)
+    opt_pos = pos[owner, -1:] + 1 + torch.arange(width, device=device)
+    logits = model(input_ids=opt_ids.to(device), attention_mask=full_mask, position_ids=opt_pos, cache=cache, use_cache=True).logits
+    logp = logits.float().log_softmax(-1)
+    for r, ((p, j), o) in enumerate(zip(rows, options)):
+        total = float(first_logp[p, o[0]])
+        if len(o) > 1:
+            total += float(logp[r, : len(o) - 1].gather(-1, opt_ids[r, 1 : len(o), None].to(device)).sum())
+        out[p][j] = total
+    return True
+
+
+def _loglik_per_option(
+    model: torch.nn.Module, tokenizer: Any, requests: list[list[tuple[list[int], int]]], scores: list[list[float]], batch_size: int
+) -> list[list[float]]:
+    """Every (prompt, option) as its own sequence: for models without a KV cache."""
+    reqs: list[tuple[int, int, list[int], int]] = [
+        (i, j, ids, n_opt) for i, per in enumerate(requests) for j, (ids, n_opt) in enumerate(per)
+    ]
+    order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][2]))
+    device, pad_id = _device(model), _pad_id(model, tokenizer)
+    for idx in _batches(order, batch_size):
+        batch = [reqs[r] for r in idx]
+        ids, mask = _left_pad([b[2] for b in batch], pad_id, device)
+        # Left padding: positions must count real tokens only, as in unpadded inputs.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(b[3] for b in batch) + 1
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        except TypeError:  # a wrapper without logits_to_keep
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        logp = logits[:, -keep:].float().log_softmax(-1)
+        width = ids.shape[1]
+        for row, (i, j, _, n_opt) in enumerate(batch):
+            target = ids[row, width - n_opt:]
+            # logits at position p predict token p+1; logp[:, k] is position width-keep+k.
+            lp = logp[row, keep - n_opt - 1: keep - 1]
+            scores[i][j] = float(lp.gather(-1, target[:, None]).sum())
     return scores
 
 

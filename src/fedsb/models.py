@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsb.attention import use_fp32_attention_under_cpu_autocast
+
 DEFAULT_CAUSAL_LM = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,7 +184,8 @@ def load_model(name: str | None, kind: str = "causal", *, num_labels: int = 3, s
         model = tiny_causal_lm(name.removeprefix("tiny-"), vocab_size=len(tok), seed=seed)
         model.config.pad_token_id = tok.pad_token_id
         model.config.eos_token_id = tok.eos_token_id
-        return model, tok
+        return use_fp32_attention_under_cpu_autocast(model), tok
     if kind == "classifier":
         return load_classifier(name, num_labels=num_labels)
-    return load_causal_lm(name)
+    model, tok = load_causal_lm(name)
+    return use_fp32_attention_under_cpu_autocast(model), tok

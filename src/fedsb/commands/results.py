@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from fedsb.adapter.export import atomic_write_json
+from fedsb.adapter.export import atomic_write_bytes, atomic_write_json
 from fedsb.report import human_bytes
 
 ALL_STRATEGIES = ["fedsb", "fedit", "ffa", "fedex", "flora"]
@@ -38,7 +38,7 @@ def markdown(experiment: str, summaries: list[dict[str, Any]]) -> str:
     before = per_task(summaries[0]["eval_before"]) if summaries else {}
     rows = [
         "| base model (no fine-tuning) | - | " + " | ".join(_cell(before.get(t, {})) for t in tasks) + " | - | - | - |"
-    ] if before and summaries[0]["strategy"] != "fedsb" else []
+    ] if before else []
     for s in summaries:
         after = per_task(s["eval_after"])
         err = s.get("max_exactness_error")
@@ -54,10 +54,10 @@ def results(
     experiments: Annotated[list[str], typer.Option("--experiment", help="config names under configs/")] = ["arithmetic-small", "commonsense-small"],  # noqa: B006
     strategies: Annotated[list[str], typer.Option("--strategy")] = ALL_STRATEGIES,  # noqa: B006
     baseline_rank: Annotated[int, typer.Option(help="rank of the LoRA baselines")] = 16,
-    baseline_lr: Annotated[float, typer.Option(help="learning rate of the LoRA baselines")] = 1e-3,
+    baseline_lr: Annotated[float, typer.Option(help="learning rate of the LoRA baselines")] = 2e-3,
     configs: Annotated[Path, typer.Option(help="folder of the configs")] = Path("configs"),
     out: Annotated[Path, typer.Option(help="results folder")] = Path("results/paper-small"),
-    doc: Annotated[Optional[Path], typer.Option(help="markdown file to write the tables into")] = Path("docs/results-experiments.md"),
+    doc: Annotated[Optional[Path], typer.Option(help="markdown file to write the tables into (its marked section only, if it has one)")] = Path("docs/results.md"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="extra overrides for every run")] = None,
 ) -> None:
     """Run each experiment for each strategy; write a markdown table per experiment."""
@@ -67,7 +67,7 @@ def results(
     console = Console()
     sections = []
     for experiment in experiments:
-        summaries = []
+        summaries: list[dict[str, Any]] = []
         for strategy in strategies:
             overrides = [f"federation.strategy={json.dumps(strategy)}", *(set_ or [])]
             if strategy != "fedsb":
@@ -79,12 +79,31 @@ def results(
                 summary = json.loads(done.read_text())
             else:
                 console.print(f"[bold]{experiment} / {strategy}[/bold]")
-                summary = run_experiment(cfg, run_dir)
+                # Every strategy starts from the same base model and scores the same examples,
+                # so the base model's evaluation is done once per experiment.
+                base = summaries[0]["eval_before"] if summaries else None
+                summary = run_experiment(cfg, run_dir, base_eval=base)
             summaries.append(summary)
         sections.append(markdown(experiment, summaries))
         atomic_write_json(out / experiment / "summaries.json", summaries)
     text = "\n".join(sections)
     console.print(text)
     if doc is not None:
-        doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text("# Results of the small experiments\n\nProduced by `fedsb results`.\n\n" + text)
+        write_section(doc, text)
+
+
+BEGIN, END = "<!-- fedsb results: begin -->", "<!-- fedsb results: end -->"
+
+
+def write_section(doc: Path, text: str) -> None:
+    """Put `text` between the BEGIN/END markers of `doc`, keeping the prose around them; a file
+    without markers is (re)written with the section alone."""
+    section = f"{BEGIN}\n\nProduced by `fedsb results`.\n\n{text}\n{END}"
+    old = doc.read_text() if doc.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + section + rest.split(END, 1)[1]
+    else:
+        new = "# Results of the small experiments\n\n" + section + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(doc, new.encode())

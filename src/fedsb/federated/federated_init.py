@@ -17,7 +17,6 @@ from fedsb.adapter.inject import adapter_layers
 from fedsb.data import collate
 from fedsb.init import estimate_gradients, install_from_update
 from fedsb.init.federated import federated_randomized_svd
-from fedsb.init.svd import effective_lr
 from fedsb.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ def client_init_batches(fed: "Federation", client_index: int, per_client: int) -
 def run_federated_init(fed: "Federation", ledger: "CommLedger") -> dict[str, Any]:
     cfg = fed.config
     layers = adapter_layers(fed.model)
-    lr_eff = effective_lr(cfg.train.lr, cfg.train.warmup_ratio, fed.mean_total_steps())
+    lr_eff = fed.init_lr_eff()
     per_client = max(1, math.ceil(cfg.init.num_samples / len(fed.clients)))
     signs: list[dict[str, Tensor]] = []
     with progress_bar("init: client gradients", total=len(fed.clients)) as advance:

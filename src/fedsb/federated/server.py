@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ from fedsb.progress import progress_bar
 from fedsb.tasks import get_task
 from fedsb.tasks.base import PairExample
 from fedsb.training import lr_at, make_optimizer, train_steps, warmup_steps_for
+
+# A sign step above this on every weight is far beyond a full fine-tuning step (~1e-5..1e-4).
+LARGE_INIT_STEP = 1e-3
 
 
 @dataclass
@@ -64,6 +68,22 @@ class Federation:
 
     def mean_total_steps(self) -> int:
         return round(sum(self.total_steps(c.client_id) for c in self.clients) / len(self.clients))
+
+    def init_lr_eff(self) -> float:
+        """The scale of the imitated first full fine-tuning step: `init.lr_eff` when set, else the
+        paper's `train.lr / warm-up steps`."""
+        cfg = self.config
+        if cfg.init.lr_eff:
+            return cfg.init.lr_eff
+        lr_eff = effective_lr(cfg.train.lr, cfg.train.warmup_ratio, self.mean_total_steps())
+        if lr_eff > LARGE_INIT_STEP:
+            warnings.warn(
+                f"the LoRA-SB init puts a step of {lr_eff:g} (train.lr / warm-up steps) on every adapted "
+                f"weight; with few warm-up steps and R's large learning rate this can break the model "
+                f"before training starts. Set init.lr_eff (e.g. 1e-5, a full fine-tuning step) to decouple it.",
+                stacklevel=2,
+            )
+        return lr_eff
 
 
 def build_federation(config: ExperimentConfig) -> Federation:
@@ -123,11 +143,20 @@ def build_federation(config: ExperimentConfig) -> Federation:
 
 
 def load_eval_sets(cfg: ExperimentConfig, task: Any) -> list[tuple[Any, list[Any]]]:
-    """(task, examples) per evaluation task: the training task, or `task.eval_tasks`."""
-    tasks = [task] if not cfg.task.eval_tasks else [
-        get_task(name, **cfg.task.eval_options.get(name, {})) for name in cfg.task.eval_tasks
-    ]
-    return [(t, t.eval_examples(limit=cfg.task.eval_limit or None, seed=cfg.seed)) for t in tasks]
+    """(task, examples) per evaluation task: the training task, or `task.eval_tasks`.
+
+    `task.eval_options.<name>.eval_limit` overrides `task.eval_limit` for one task (e.g. fewer
+    GSM8K problems, whose chains of thought cost 10x the tokens of a generated sum).
+    """
+    if not cfg.task.eval_tasks:
+        return [(task, task.eval_examples(limit=cfg.task.eval_limit or None, seed=cfg.seed))]
+    out = []
+    for name in cfg.task.eval_tasks:
+        options = dict(cfg.task.eval_options.get(name, {}))
+        limit = options.pop("eval_limit", cfg.task.eval_limit)
+        t = get_task(name, **options)
+        out.append((t, t.eval_examples(limit=limit or None, seed=cfg.seed)))
+    return out
 
 
 # --- initialization ------------------------------------------------------------------------
@@ -180,6 +209,7 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, An
                 seed=cfg.seed,
                 precision=fed.precision,
                 progress=advance,
+                lr_eff=fed.init_lr_eff(),
             )
     else:
         from fedsb.federated.federated_init import run_federated_init
@@ -248,14 +278,9 @@ def run_round(
     """One round; returns (metrics, the payload every client downloads next round)."""
     fcfg = fed.config.federation
     sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=fed.config.seed, round_index=round_index)
-    # What a client starts from: the decoded download (wire dtype included) wherever it carries
-    # the trainable tensors; FedEx residuals and FLoRA stacks are already folded into the shared
-    # base weights by the server, which is what each client would do with them.
-    global_state = trainable_state(fed.model, fed.head_modules)
-    received, _ = comm.decode(download)
-    for key, value in received.items():
-        if key in global_state and value.shape == global_state[key].shape:
-            global_state[key] = value
+    # FedEx residuals and FLoRA stacks are already folded into the shared base weights by the
+    # server, which is what each client would do with them.
+    global_state = fed.strategy.client_start_state(fed.model, comm.decode(download)[0])
     upload_shapes = {k: tuple(v.shape) for k, v in global_state.items()}
     fed.strategy.begin_round(fed.model)
     if meter is not None:
@@ -348,8 +373,14 @@ def _write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) a federation and write its results folder; returns the summary."""
+def run_experiment(
+    config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, base_eval: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run (or resume) a federation and write its results folder; returns the summary.
+
+    base_eval: the base model's evaluation from a run with the same model, seed and evaluation
+    settings (another strategy of the same experiment), reused instead of evaluated again.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
@@ -371,8 +402,10 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, resume: boo
             fed.privacy.load_dict(meta.get("privacy") or {})
     else:
         atomic_write_bytes(out_dir / "config.toml", dump_config(config).encode())
+        before = base_eval if base_eval is not None else evaluate_federation(fed)  # adapters start as no-ops
         init_info = initialize_adapter(fed, ledger)
-        before = evaluate_federation(fed)
+        if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
+            init_info["eval"] = evaluate_federation(fed)
         download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
     for r in range(start_round, config.federation.rounds):
         metrics, download = run_round(fed, r, download, ledger, meter)

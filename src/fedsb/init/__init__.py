@@ -69,9 +69,13 @@ def init_central(
     loss_fn: LossFn = default_loss,
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
+    lr_eff: float | None = None,
 ) -> float:
-    """The paper's initialization on data this party holds; returns lr_eff."""
-    lr_eff = effective_lr(lr, warmup_ratio, total_steps)
+    """The paper's initialization on data this party holds; returns lr_eff.
+
+    lr_eff defaults to the paper's `lr / warm-up steps`; pass it to set the step's scale directly.
+    """
+    lr_eff = lr_eff or effective_lr(lr, warmup_ratio, total_steps)
     grads = estimate_gradients(model, layers, batches, loss_fn=loss_fn, precision=precision, progress=progress)
     init_from_gradients(layers, grads, lr_eff=lr_eff, oversample=oversample, power_iters=power_iters, seed=seed)
     return lr_eff

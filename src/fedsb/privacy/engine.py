@@ -232,7 +232,7 @@ class PrivateSession:
                         self._empty_backward()
                     else:
                         batch = {k: v.to(device) for k, v in make_batch(idx.tolist()).items()}
-                        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
                         loss = self._criterion(logits, batch["labels"])
                         value = float(loss.detach())
                         if value != value or value in (float("inf"), float("-inf")):

@@ -29,7 +29,6 @@ from fedsb.adapter.inject import adapter_layers
 from fedsb.data import collate
 from fedsb.init import init_from_gradients
 from fedsb.init.gradients import estimate_gradients
-from fedsb.init.svd import effective_lr
 from fedsb.privacy.accounting import Entry, PrivacyError
 
 _HOW = (
@@ -121,7 +120,7 @@ def private_init_central(fed: Any, *, progress: Callable[[int], None] | None = N
             fed.privacy.clients[client.client_id].record(sigma, q, 1)
     expected = max(1.0, q * total_n)
     grads = {name: g / expected for name, g in total.items()}
-    lr_eff = effective_lr(cfg.train.lr, cfg.train.warmup_ratio, fed.mean_total_steps())
+    lr_eff = fed.init_lr_eff()
     init_from_gradients(layers, grads, lr_eff=lr_eff, oversample=cfg.init.oversample, power_iters=cfg.init.power_iters, seed=cfg.seed)
     info = {
         "private": True,

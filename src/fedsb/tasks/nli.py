@@ -159,8 +159,10 @@ class SNLITask(Task):
         from fedsb.precision import autocast_context
 
         start = time.perf_counter()
+        from fedsb.data import collate, tokenize_pair
+
         device = next(model.parameters()).device
-        encoded = [tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=self.max_length)["input_ids"] for ex in examples]
+        encoded = [tokenize_pair(ex, tokenizer, self.max_length) for ex in examples]  # as in training
         order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         predictions = [0] * len(examples)
@@ -170,13 +172,8 @@ class SNLITask(Task):
             with torch.inference_mode(), autocast_context(device, precision):
                 for s in range(0, len(order), batch_size):
                     idx = order[s : s + batch_size]
-                    width = max(len(encoded[i]) for i in idx)
-                    ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(idx), width), dtype=torch.long)
-                    for row, i in enumerate(idx):
-                        ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                        mask[row, : len(encoded[i])] = 1
-                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    batch = collate([encoded[i] for i in idx], pad, classification=True)
+                    logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
                     for i, p in zip(idx, logits.argmax(-1).tolist()):
                         predictions[i] = p
         finally:
