@@ -216,6 +216,12 @@ def _forward(model: torch.nn.Module, **kw: Any) -> Any:
         return model(**kw)
 
 
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward returned (transformers 5 names it `cache`, older `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _greedy_decode(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -238,7 +244,7 @@ def _greedy_decode(
         return new
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = _cache_of(out)
     last = pos[:, -1:]
     active = list(range(rows))
     # Tail of a row re-decoded each step: a stop string spans at most len(s) tokens (plus a
@@ -419,8 +425,7 @@ def loglik_scores(
         raise ValueError("prompts and options_per_prompt differ in length")
     requests = [[_split_request(tokenizer, p, o) for o in opts] for p, opts in zip(prompts, options_per_prompt)]
     scores = [[0.0] * len(opts) for opts in options_per_prompt]
-    order = sorted(range(len(prompts)), key=lambda i: -len(requests[i][0][0]) if requests[i] else 0)
-    order = [i for i in order if requests[i]]
+    order = sorted((i for i, reqs in enumerate(requests) if reqs), key=lambda i: -len(requests[i][0][0]))
     with _inference(model, precision), _progress(progress, "loglik") as bar:
         task_id = bar.add_task("ll", total=len(order), rate="") if bar else None
         for idx in _batches(order, max(1, batch_size // 2)):
@@ -441,7 +446,7 @@ def _score_shared_prefix(
     ids, mask = _left_pad(contexts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     first = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = first.cache if getattr(first, "cache", None) is not None else getattr(first, "past_key_values", None)
+    cache = _cache_of(first)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return False
     first_logp = first.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token

@@ -51,8 +51,8 @@ class _FactorCache:
         return value
 
 
-def delta_times(layer: AdapterLinear, v: Tensor | None, cache: _FactorCache | None = None, name: str = "") -> Tensor:
-    """dW v in fp64 from the factors (or dW itself when v is None)."""
+def outer_factors(layer: AdapterLinear, v: Tensor | None, cache: _FactorCache | None = None, name: str = "") -> tuple[Tensor, Tensor]:
+    """(B, A v) in fp64 (A itself when v is None), from `cache` while the factors are unchanged."""
     a_t, b_t = layer.lora_A.detach(), layer.lora_B.detach()
 
     def a_times_v() -> Tensor:
@@ -60,10 +60,13 @@ def delta_times(layer: AdapterLinear, v: Tensor | None, cache: _FactorCache | No
         return a if v is None else a @ v
 
     if cache is None:
-        av, b = a_times_v(), b_t.double()
-    else:
-        av = cache.get(name, "av", a_t, a_times_v)
-        b = cache.get(name, "b", b_t, b_t.double)
+        return b_t.double(), a_times_v()
+    return cache.get(name, "b", b_t, b_t.double), cache.get(name, "av", a_t, a_times_v)
+
+
+def delta_times(layer: AdapterLinear, v: Tensor | None, cache: _FactorCache | None = None, name: str = "") -> Tensor:
+    """dW v in fp64 from the factors (or dW itself when v is None)."""
+    b, av = outer_factors(layer, v, cache, name)
     if isinstance(layer, LoraSBLinear):
         r = layer.R.weight.detach().double()
         return (b @ (r @ av)) * layer.scaling
@@ -124,11 +127,9 @@ class ExactnessMeter:
             if not (isinstance(layer, LoraSBLinear) and v is not None):
                 self._accumulate(name, delta_times(layer, v, self._factors, name), weight)
                 continue
-            a_t, b_t = layer.lora_A.detach(), layer.lora_B.detach()
-            av = self._factors.get(name, "av", a_t, lambda: a_t.double() @ v)
-            b = self._factors.get(name, "b", b_t, b_t.double)
+            b, av = outer_factors(layer, v, self._factors, name)
             rav = (layer.R.weight.detach().double() @ av) * (layer.scaling * weight)
-            key = _version_key(b_t)
+            key = _version_key(layer.lora_B)
             group = self._r_space.get(name)
             if group is not None and group[0] == key:
                 group[2].add_(rav)
