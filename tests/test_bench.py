@@ -27,7 +27,19 @@ def tiny_settings(**changes) -> BenchSettings:
     return s
 
 
-def test_in_process_sections_write_valid_json(tmp_path):
+def gsm8k_data_root(root):
+    """A data root with tiny GSM8K train/test files, so the generate and init sections never
+    depend on the shared data being next to the checkout."""
+    math = root / "math"
+    math.mkdir(parents=True)
+    rows = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many now?", "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(8)]
+    for name in ("gsm8k_train.jsonl", "gsm8k_test_original.jsonl"):
+        (math / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_in_process_sections_write_valid_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSB_DATA", str(gsm8k_data_root(tmp_path / "data")))
     sections = ["train", "profile", "generate", "init", "round"]
     results = run_bench(tmp_path, model="tiny-llama", quick=True, sections=sections, settings=tiny_settings(), log=None)
     saved = json.loads((tmp_path / "bench.json").read_text())
