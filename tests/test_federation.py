@@ -72,23 +72,23 @@ def test_same_seed_same_numbers(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fedsb", "fedex", "flora"])
 def test_resume_after_crash_matches_uninterrupted(strategy, tmp_path, monkeypatch):
-    import fedsb.federated.server as server
+    import fedsb.federated.experiment as experiment
 
     def cfg():
         return make_config(federation={"strategy": strategy, "rounds": 3}, train={"keep_optimizer_state": True})
 
     full = run_experiment(cfg(), tmp_path / "full")
-    real_round = server.run_round
+    real_round = experiment.play_round
 
-    def crash_in_round_two(fed, round_index, *args, **kwargs):
+    def crash_in_round_two(fed, transport, round_index, *args, **kwargs):
         if round_index == 1:
             raise KeyboardInterrupt("killed")
-        return real_round(fed, round_index, *args, **kwargs)
+        return real_round(fed, transport, round_index, *args, **kwargs)
 
-    monkeypatch.setattr(server, "run_round", crash_in_round_two)
+    monkeypatch.setattr(experiment, "play_round", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg(), tmp_path / "part")
-    monkeypatch.setattr(server, "run_round", real_round)
+    monkeypatch.setattr(experiment, "play_round", real_round)
     resumed = run_experiment(cfg(), tmp_path / "part", resume=True)
     ta = load_file(tmp_path / "full/adapter/adapter.safetensors")
     tb = load_file(tmp_path / "part/adapter/adapter.safetensors")

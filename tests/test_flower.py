@@ -207,7 +207,9 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     vector is far (> 100 x the bound) from every client's own R."""
     from fedsb.config import load_config
     from fedsb.federated import comm
-    from fedsb.federated.server import build_federation, initialize_adapter, train_client
+    from fedsb.federated.client import ClientState
+    from fedsb.federated.server import build_federation, initialize_adapter
+    from fedsb.federated.transport import client_round
     from fedsb.flower import task
 
     config = write_config(workdir / "tiny-secagg.toml", rounds=1)
@@ -220,8 +222,7 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     start = task.global_state_from_download(fed, comm.encode(task.trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
     own = {}
     for client in fed.clients:
-        train_client(fed, client, 0, start)
-        own[client.client_id] = task.trainable_state(fed.model, fed.head_modules)
+        own[client.client_id] = client_round(fed, client.client_id, 0, start, ClientState()).tensors
     weights = [fed.strategy.client_weight(c.num_examples) for c in fed.clients]
     ratios = [w / max(weights) for w in weights]
 
@@ -313,7 +314,9 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fedsb.federated import comm
-    from fedsb.federated.server import build_federation, initialize_adapter, train_client
+    from fedsb.federated.client import ClientState
+    from fedsb.federated.server import build_federation, initialize_adapter
+    from fedsb.federated.transport import client_round
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedsb.flower import client_app, codec, protocol, task
@@ -344,8 +347,7 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
     reply = client_app.train(message(round_content(), "train"), ctx)
     upload, _ = comm.decode(codec.payload_from_record(reply.content.array_records[protocol.UPDATE_RECORD]))
     start = task.global_state_from_download(server, download)
-    train_client(server, server.clients[1], 0, start)  # the in-process engine's client 1
-    expected = task.trainable_state(server.model, server.head_modules)
+    expected = client_round(server, 1, 0, start, ClientState()).tensors  # the in-process engine's client 1
     assert upload.keys() == expected.keys()
     assert max(float((upload[k] - expected[k]).abs().max()) for k in upload) <= 1e-6
 
@@ -435,18 +437,24 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
 
 
 def test_engine_runs_every_strategy_and_refuses_the_rest_with_a_reason():
+    from fedsb.aggregation import strategy_names
     from fedsb.config import ConfigError
     from fedsb.flower.server_loop import check_supported
     from fedsb.flower.task import RunSettings
 
     plain, secagg = RunSettings(), RunSettings(secagg=True)
-    for strategy in ("fedsb", "fedit", "ffa", "fedex", "flora"):
-        check_supported(_tiny_config(strategy), plain)
     data = json.loads(json.dumps(TINY))
+    for strategy in strategy_names():
+        check_supported(_tiny_config(strategy), plain)
+    # what used to be refused runs now: the optimizer state and the DP accountant live on the node
+    check_supported(config_from_dict({**data, "train": {**data["train"], "keep_optimizer_state": True}}), plain)
+    private = {**data, "init": {**data["init"], "method": "random"}, "privacy": {"enabled": True}}
+    check_supported(config_from_dict(json.loads(json.dumps(private))), plain)
     refused = {
-        "keep_optimizer_state": ({**data, "train": {**data["train"], "keep_optimizer_state": True}}, plain),
         "federated": ({**data, "init": {**data["init"], "method": "federated"}}, plain),
-        "Fed-SB only": ({**data, "federation": {**data["federation"], "strategy": "fedex"}}, secagg),
+        "Fed-SB": ({**data, "federation": {**data["federation"], "strategy": "fedex"}}, secagg),
+        "accountant history": (private, secagg),
+        "private init on client data": ({**private, "init": data["init"]}, plain),
     }
     for reason, (raw, settings) in refused.items():
         with pytest.raises(ConfigError, match=reason):

@@ -416,21 +416,21 @@ def test_private_training_is_reproducible():
 
 
 def test_private_resume_keeps_the_ledgers(reference_run, snli_file, tmp_path, monkeypatch):
-    import fedsb.federated.server as server
+    import fedsb.federated.experiment as experiment
 
     _public_task_uses_fixture(monkeypatch, snli_file)
     out, summary = reference_run
-    real_round = server.run_round
+    real_round = experiment.play_round
 
-    def crash_in_round_two(fed, round_index, *args, **kwargs):
+    def crash_in_round_two(fed, transport, round_index, *args, **kwargs):
         if round_index == 1:
             raise KeyboardInterrupt("killed")
-        return real_round(fed, round_index, *args, **kwargs)
+        return real_round(fed, transport, round_index, *args, **kwargs)
 
-    monkeypatch.setattr(server, "run_round", crash_in_round_two)
+    monkeypatch.setattr(experiment, "play_round", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(dp_config(snli_file), tmp_path)
-    monkeypatch.setattr(server, "run_round", real_round)
+    monkeypatch.setattr(experiment, "play_round", real_round)
     resumed = run_experiment(dp_config(snli_file), tmp_path, resume=True)
     assert resumed["privacy"]["clients"] == summary["privacy"]["clients"]
     a, b = load_file(out / "adapter/adapter.safetensors"), load_file(tmp_path / "adapter/adapter.safetensors")

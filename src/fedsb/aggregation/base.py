@@ -42,6 +42,10 @@ class Strategy(ABC):
     train_a: ClassVar[bool] = True  # LoRA baselines: does A train?
     modifies_base: ClassVar[bool] = False  # folds something into the frozen weights
     exact: ClassVar[bool] = True
+    # What the engines may do with it (read by the Flower checks and the DP checks):
+    supports_secagg: ClassVar[bool] = False  # its aggregate is the weighted mean SecAgg+ computes
+    secagg_note: ClassVar[str] = "SecAgg+ is wired for strategies whose aggregate is a plain weighted mean of R (Fed-SB)"
+    user_level_dp_note: ClassVar[str] = ""  # non-empty: why user-level DP (noise on the mean) cannot cover it
 
     def __init__(self, *, weighted: bool = True, head_modules: list[str] | None = None, seed: int = 0) -> None:
         self.weighted = weighted

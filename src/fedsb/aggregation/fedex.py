@@ -19,6 +19,7 @@ from fedsb.aggregation.registry import register_strategy
 @register_strategy("fedex")
 class FedExLoRA(Strategy):
     modifies_base = True
+    user_level_dp_note = "its server folds mean(B_i A_i), a per-client product the noise on the mean does not cover"
 
     def begin_round(self, model: nn.Module) -> None:
         super().begin_round(model)

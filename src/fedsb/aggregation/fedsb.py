@@ -11,6 +11,7 @@ from fedsb.aggregation.registry import register_strategy
 @register_strategy("fedsb")
 class FedSB(Strategy):
     adapter_kind = "lorasb"
+    supports_secagg = True  # the server needs only sum_i w_i R_i and sum_i w_i
 
     def prepare(self, model: nn.Module) -> None:
         """B, A and R0 come from the LoRA-SB initialization, not from here."""

@@ -18,6 +18,7 @@ from fedsb.aggregation.registry import register_strategy
 @register_strategy("flora")
 class FLoRA(Strategy):
     modifies_base = True
+    user_level_dp_note = "it stacks every client's factors, so no noisy mean stands between a client and the model"
 
     def begin_round(self, model: nn.Module) -> None:
         super().begin_round(model)

@@ -1,14 +1,12 @@
-"""The federation, one round at a time:
+"""What a run is made of: the `Federation` (model, data partitions, strategy, privacy state),
+its initialization, its evaluation and its summary.
 
-    sample -> broadcast -> local train -> collect -> aggregate -> evaluate -> checkpoint
-
-One base model lives in memory whatever the number of clients: a client is a data partition.
-Every upload and download goes through the wire format (`fedsb.federated.comm`) and is counted.
+The run itself (rounds, evaluation schedule, checkpoint) is `fedsb.federated.experiment.Experiment`;
+`run_experiment` is that driver over the in-process transport.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 import warnings
@@ -16,19 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
-from fedsb.adapter.inject import adapter_layers, adapter_state, inject_adapters, mark_trainable, trainable_state
+from fedsb.adapter.inject import adapter_layers, adapter_state, inject_adapters, mark_trainable
 from fedsb.aggregation import Strategy, get_strategy
-from fedsb.config import ExperimentConfig, dump_config
+from fedsb.config import ExperimentConfig
 from fedsb.data import collate, tokenize_all
 from fedsb.federated import comm
-from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
-from fedsb.federated.client import ClientData, ClientResult, optimizer_state_to_cpu, seed_for, trainable_parameters
+from fedsb.federated.client import ClientData
 from fedsb.federated.exactness import ExactnessMeter
-from fedsb.federated.partition import partition_indices, sample_clients
+from fedsb.federated.partition import partition_indices
 from fedsb.init import init_central, init_random
 from fedsb.init.svd import effective_lr
 from fedsb.models import load_model
@@ -36,7 +31,6 @@ from fedsb.precision import resolve_precision
 from fedsb.progress import progress_bar
 from fedsb.tasks import get_task
 from fedsb.tasks.base import PairExample
-from fedsb.training import lr_at, make_optimizer, train_steps, warmup_steps_for
 
 # A sign step above this on every weight is far beyond a full fine-tuning step (~1e-5..1e-4).
 LARGE_INIT_STEP = 1e-3
@@ -227,105 +221,15 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, An
     return info
 
 
-# --- one round -----------------------------------------------------------------------------
+# --- one round (in process) -----------------------------------------------------------------
 
 
-def train_client(fed: Federation, client: ClientData, round_index: int, global_state: dict[str, Tensor]) -> ClientResult:
-    """Load the global adapter, train locally; the model then holds the client's tensors."""
-    if fed.config.privacy.enabled:  # sample-level DP-SGD (opacus)
-        from fedsb.privacy.client import train_client_private
+def run_round(fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
+    """One in-process round outside an `Experiment` (benchmarks, tests): (metrics, next download)."""
+    from fedsb.federated.experiment import play_round
+    from fedsb.federated.transport import InProcessTransport
 
-        return train_client_private(fed, client, round_index, global_state)
-    cfg = fed.config.train
-    fed.strategy.load_global(fed.model, global_state)
-    params = trainable_parameters(fed.model)
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
-    if cfg.keep_optimizer_state and client.optimizer_state is not None:
-        optimizer.load_state_dict(client.optimizer_state)
-    steps = fed.steps_per_round[client.client_id]
-    total = fed.total_steps(client.client_id)
-    warmup = warmup_steps_for(total, cfg.warmup_ratio)
-    seed = seed_for(fed.config.seed, round_index, client.client_id)
-    batches = client.batches(steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, pad_id=fed.tokenizer.pad_token_id, seed=seed)
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # dropout is seeded per (round, client), globally untouched
-        torch.manual_seed(seed)
-        with progress_bar(f"round {round_index + 1} client {client.client_id}", total=steps) as advance:
-            result = train_steps(
-                fed.model,
-                batches,
-                optimizer,
-                params=params,
-                grad_accum=cfg.grad_accum,
-                lr_for_step=lambda s: lr_at(s, base_lr=cfg.lr, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule),
-                first_step=round_index * steps,
-                max_grad_norm=cfg.max_grad_norm,
-                precision=fed.precision,
-                on_step=lambda loss: advance(1),
-            )
-    if cfg.keep_optimizer_state:
-        client.optimizer_state = optimizer_state_to_cpu(optimizer.state_dict())
-    return ClientResult(client.client_id, client.num_examples, result.mean_loss, result.steps, result.tokens, time.perf_counter() - start)
-
-
-def run_round(
-    fed: Federation,
-    round_index: int,
-    download: bytes,
-    ledger: comm.CommLedger,
-    meter: ExactnessMeter | None,
-) -> tuple[dict[str, Any], bytes]:
-    """One round; returns (metrics, the payload every client downloads next round)."""
-    fcfg = fed.config.federation
-    sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=fed.config.seed, round_index=round_index)
-    # FedEx residuals and FLoRA stacks are already folded into the shared base weights by the
-    # server, which is what each client would do with them.
-    global_state = fed.strategy.client_start_state(fed.model, comm.decode(download)[0])
-    upload_shapes = {k: tuple(v.shape) for k, v in global_state.items()}
-    fed.strategy.begin_round(fed.model)
-    if meter is not None:
-        meter.begin_round(fed.model, snapshot_base=fed.strategy.modifies_base)
-    timings = {"train": 0.0, "serialize": 0.0, "aggregate": 0.0}
-    results = []
-    for cid in sampled:
-        client = fed.clients[cid]
-        ledger.record_down(round_index, cid, len(download))
-        result = train_client(fed, client, round_index, global_state)
-        timings["train"] += result.seconds
-        t0 = time.perf_counter()
-        payload = comm.encode(trainable_state(fed.model, fed.head_modules), fcfg.wire_dtype)
-        update, _ = comm.decode(payload, expected=upload_shapes)
-        timings["serialize"] += time.perf_counter() - t0
-        ledger.record_up(round_index, cid, len(payload))
-        t0 = time.perf_counter()
-        if meter is not None:
-            meter.add_client(fed.model, fed.strategy.client_weight(client.num_examples))
-        fed.strategy.add(fed.model, update, client.num_examples)
-        timings["aggregate"] += time.perf_counter() - t0
-        results.append(result)
-    t0 = time.perf_counter()
-    next_download = fed.strategy.finish(fed.model, round_index)
-    errors = meter.finish(fed.model) if meter is not None else {}
-    timings["aggregate"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    encoded = comm.encode(next_download, fcfg.wire_dtype)
-    timings["serialize"] += time.perf_counter() - t0
-    weights = [r.num_examples for r in results]
-    metrics = {
-        "round": round_index + 1,
-        "clients": sampled,
-        "train_loss": sum(r.loss * w for r, w in zip(results, weights)) / sum(weights),
-        "steps": sum(r.steps for r in results),
-        "tokens": sum(r.tokens for r in results),
-        "bytes_up": sum(ledger.up[round_index].values()),
-        "bytes_down": sum(ledger.down[round_index].values()),
-        "upload_bytes_per_client": max(ledger.up[round_index].values()),
-        "download_bytes_per_client": len(download),
-        "exactness_max": max(errors.values()) if errors else None,
-        "exactness_mean": sum(errors.values()) / len(errors) if errors else None,
-        "seconds": timings,
-    }
-    return metrics, encoded
+    return play_round(fed, InProcessTransport(), round_index, download, ledger, meter)
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -369,92 +273,18 @@ def evaluate_federation(fed: Federation) -> dict[str, Any]:
 # --- the run -------------------------------------------------------------------------------
 
 
-def _write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
 def run_experiment(
     config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, base_eval: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run (or resume) a federation and write its results folder; returns the summary.
+    """Run (or resume) a federation in process and write its results folder; returns the summary.
 
     base_eval: the base model's evaluation from a run with the same model, seed and evaluation
     settings (another strategy of the same experiment), reused instead of evaluated again.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wall = time.perf_counter()
-    fed = build_federation(config)
-    ledger = comm.CommLedger()
-    meter = ExactnessMeter() if config.federation.measure_exactness else None
-    rows: list[dict[str, Any]] = []
-    start_round = 0
-    if resume:
-        meta, opt_states = load_checkpoint(out_dir, fed.model, fed.head_modules)
-        for cid, state in opt_states.items():
-            fed.clients[cid].optimizer_state = state
-        ledger = comm.CommLedger.from_dict(meta["ledger"])
-        rows = meta["metrics"]
-        init_info, before = meta["init"], meta["eval_before"]
-        download = comm.encode(_download_from_meta(fed, meta), config.federation.wire_dtype)
-        start_round = meta["round"] + 1
-        if fed.privacy is not None:
-            fed.privacy.load_dict(meta.get("privacy") or {})
-    else:
-        atomic_write_bytes(out_dir / "config.toml", dump_config(config).encode())
-        before = base_eval if base_eval is not None else evaluate_federation(fed)  # adapters start as no-ops
-        init_info = initialize_adapter(fed, ledger)
-        if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
-            init_info["eval"] = evaluate_federation(fed)
-        download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
-    for r in range(start_round, config.federation.rounds):
-        metrics, download = run_round(fed, r, download, ledger, meter)
-        if fed.privacy is not None:
-            metrics.update(fed.privacy.round_metrics(fed.strategy))
-        last = r == config.federation.rounds - 1
-        every = config.task.eval_every
-        if last or (every and (r + 1) % every == 0):
-            metrics["eval"] = evaluate_federation(fed)
-        rows.append(metrics)
-        _write_metrics(out_dir, rows)
-        save_checkpoint(
-            out_dir,
-            fed.model,
-            fed.head_modules,
-            round_index=r,
-            include_base=fed.strategy.modifies_base,
-            optimizer_states={c.client_id: c.optimizer_state for c in fed.clients if c.optimizer_state},
-            meta={
-                "ledger": ledger.to_dict(),
-                "metrics": rows,
-                "init": init_info,
-                "eval_before": before,
-                "download_shapes": {k: list(v.shape) for k, v in comm.decode(download)[0].items()},
-                "download_bytes": len(download),
-                "optimizer_param_groups": next((c.optimizer_state["param_groups"] for c in fed.clients if c.optimizer_state), None),
-                "privacy": fed.privacy.to_dict() if fed.privacy is not None else None,
-            },
-        )
-    save_adapter(fed.model, out_dir / "adapter", fed.head_modules, base_model=config.model.name)
-    summary = summarize(config, rows, ledger, init_info, before, time.perf_counter() - wall)
-    if fed.privacy is not None:
-        summary["privacy"] = fed.privacy.summary()
-        summary["epsilon"] = summary["privacy"].get("epsilon")
-        summary["user_epsilon"] = summary["privacy"].get("user_epsilon")
-    atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+    from fedsb.federated.experiment import Experiment
+    from fedsb.federated.transport import InProcessTransport
 
-
-def _download_from_meta(fed: Federation, meta: dict[str, Any]) -> dict[str, Tensor]:
-    """Rebuild next round's download after a restart. Clients only load the trainable part; the
-    rest (FedEx residuals, FLoRA stacks) is already folded into the checkpointed base weights,
-    so zeros of the recorded shapes keep the byte count exact."""
-    state = trainable_state(fed.model, fed.head_modules)
-    out: dict[str, Tensor] = {}
-    for key, shape in meta["download_shapes"].items():
-        value = state.get(key)
-        out[key] = value if value is not None and list(value.shape) == shape else torch.zeros(shape)
-    return out
+    return Experiment(config, out_dir, base_eval=base_eval).run(InProcessTransport(), resume=resume)
 
 
 def summarize(config: ExperimentConfig, rows: list[dict[str, Any]], ledger: comm.CommLedger, init_info: dict[str, Any], before: dict[str, Any], seconds: float) -> dict[str, Any]:

@@ -6,7 +6,10 @@ Three message kinds:
   stores both in its content-addressed cache (`task.NodeCache`) after checking the sha256 the
   server announced, and answers with its partition id and what it holds.
 - train: the global R (safetensors bytes). The node builds the simulation's `Federation` from
-  the cached config, trains its partition with the simulation's `train_client`, and uploads R.
+  the cached config, trains its partition with the in-process engine's own client path
+  (`transport.client_round`: plain or DP-SGD steps), and uploads R. What the client keeps
+  between rounds (optimizer state, its DP accountant) lives in the node cache; a DP node
+  reports its epsilon and accountant history with every update.
   FedEx/FLoRA: the node first restores its folded base weights and applies the download's fold
   (`task.node_federation`), or uses the server's catch-up base when one is attached.
   Under SecAgg+ (`fedsb_secagg_mod`) the same training runs, but the upload is Flower's masked,
@@ -123,14 +126,14 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected crash in round {round_index + 1}")
     if fault == "hang":
         time.sleep(10**6)
-    state, metrics = task.train_partition(fed, pid, round_index, global_state)
+    state, metrics, node = task.train_partition(fed, pid, round_index, global_state, task.node_cache(context.node_config), str(cfg["config-sha256"]))
     wire = fed.config.federation.wire_dtype
     payload = task.faulty_payload(fault, state, wire) if fault else comm.encode(state, wire)
     content = RecordDict(
         {
             UPDATE_RECORD: codec.payload_record(payload),
             METRICS_RECORD: MetricRecord(metrics),
-            NODE_RECORD: ConfigRecord({"partition-id": pid, "base-id": base_id}),
+            NODE_RECORD: ConfigRecord({"partition-id": pid, "base-id": base_id, **node}),
         }
     )
     return Message(content, reply_to=msg)
@@ -148,7 +151,7 @@ def _train_secagg(msg: Message, context: Context) -> Message:
     if sorted(names) != sorted(shapes):
         raise ValueError("the server's tensor names do not match this node's adapter")
     global_state = codec.ndarrays_to_state(parameters_to_ndarrays(fitins.parameters), names, shapes)
-    state, metrics = task.train_partition(fed, pid, round_index, global_state)
+    state, metrics, _ = task.train_partition(fed, pid, round_index, global_state, task.node_cache(context.node_config), str(cfg["config-sha256"]))
     weight = fed.strategy.client_weight(fed.clients[pid].num_examples)
     fitres = FitRes(
         status=Status(Code.OK, ""),

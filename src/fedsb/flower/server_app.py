@@ -12,7 +12,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedsb.flower.server_loop import FlowerServer
+from fedsb.flower.server_loop import run_server
 from fedsb.flower.task import RunSettings
 
 app = ServerApp()
@@ -20,7 +20,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Build the federation from the run config and run it to the end (or resume it)."""
+    """The experiment driver over the Flower transport, to the end (or resumed)."""
     logging.basicConfig(level=logging.INFO)
     settings = RunSettings.from_run_config(dict(context.run_config))
-    FlowerServer(grid, context, settings).run()
+    run_server(grid, context, settings)

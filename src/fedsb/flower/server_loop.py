@@ -1,16 +1,16 @@
-"""The deployment round loop: the in-process engine's round, with the network in the middle.
+"""The Flower transport: the experiment driver's rounds, with the network in the middle.
 
-Same building blocks as `fedsb.federated.server.run_experiment` (build_federation,
-initialize_adapter, Strategy.begin_round/add/finish, evaluate_federation, save_checkpoint,
-summarize), so the results folder has the same files and the same numbers. What the network
-adds is handled here:
+`fedsb.federated.experiment.Experiment` runs the experiment (setup, base evaluation, init,
+round loop, evaluation schedule, privacy accounting, checkpoint, summary) exactly as in process;
+`FlowerTransport` only moves a round's download to the SuperNodes and their updates back.
+What the network adds is handled here:
 
 - discovery: map SuperNodes to partitions (each reports its `partition-id`) and ship the config
   and, once, the frozen B, A;
 - a deadline per round (`round-timeout`) and a quorum (`min-replies`): late, crashed and
   disconnected clients are logged as missing, the round goes on with the others;
 - every upload is screened by `fedsb.federated.validation` before it reaches the strategy;
-- a checkpoint after every completed round (global R, round, RNG state, ledger, metrics);
+- the checkpoint (written by the driver) gets the server's RNG state and the base chain;
   `resume = true` continues from it and ends with the same result as an uninterrupted run;
 - FedEx/FLoRA change the base weights every round: each message names the base a node must
   start from (a hash chain over the downloads, `task.next_base_id`), the server tracks which
@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
+from fedsb.adapter.export import atomic_write_bytes
 from fedsb.adapter.inject import trainable_state
 from fedsb.aggregation import get_strategy
-from fedsb.config import ConfigError, ExperimentConfig, dump_config
+from fedsb.config import ConfigError, ExperimentConfig
 from fedsb.federated import comm
-from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
-from fedsb.federated.exactness import ExactnessMeter
-from fedsb.federated.partition import sample_clients
-from fedsb.federated.server import Federation, build_federation, evaluate_federation, initialize_adapter, summarize
+from fedsb.federated.client import ClientState, ClientUpdate
+from fedsb.federated.experiment import Experiment, RoundExchange, RunContext
+from fedsb.federated.server import Federation
 from fedsb.federated.validation import PayloadError, check_norm, clip_to_norm, expected_upload_bytes, update_norm, validate_update
 from fedsb.flower import codec, task
 from fedsb.flower.messaging import CountingGrid, exchange
@@ -60,30 +60,45 @@ from fedsb.flower.protocol import (
 )
 
 log = logging.getLogger("fedsb.flower")
-SUPPORTED_STRATEGIES = ("fedsb", "fedit", "ffa", "fedex", "flora")
-
 
 class RoundFailed(RuntimeError):
     """Fewer accepted updates than `min-replies`: the run stops at the last checkpoint."""
 
 
+def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
+    """What this config asks of the Flower engine that it cannot do, each with the reason.
+
+    The one place where the deployment engine refuses a feature; everything else runs as in
+    process (the same `Experiment` drives both). Read from the strategy's declarations.
+    """
+    strategy = get_strategy(config.federation.strategy)
+    out: list[str] = []
+    if strategy.adapter_kind == "lorasb" and config.init.method == "federated":
+        out.append(
+            'init.method = "federated": its sketch rounds would run inside the ServerApp on every partition\'s data '
+            'instead of on the nodes (not yet sent as Flower messages); use "central" or "random"'
+        )
+    if config.privacy.enabled and strategy.adapter_kind == "lorasb" and config.init.method == "central" and not config.init.data.startswith("public:"):
+        out.append(
+            "privacy.enabled with a private init on client data: the init's Gaussian mechanism would run in the "
+            "ServerApp on every partition (and the nodes' accountants would not see it); use init.data = 'public:<task>' "
+            "or init.method = 'random'"
+        )
+    if settings.secagg:
+        if not strategy.supports_secagg:
+            out.append(f"secagg = true: {strategy.secagg_note}")
+        if config.privacy.enabled:
+            out.append("secagg = true with privacy.enabled: SecAgg+'s FitRes carries no accountant history, so no node's epsilon could be reported")
+        if config.privacy.user_level:
+            out.append("secagg = true with privacy.user_level: each client's update is clipped by the server before the sum, which SecAgg+ hides from it")
+    return out
+
+
 def check_supported(config: ExperimentConfig, settings: task.RunSettings) -> None:
-    """Refuse, with the reason, what the deployment engine does not do (yet)."""
-    if config.federation.strategy not in SUPPORTED_STRATEGIES:
-        raise ConfigError(
-            f"federation.strategy = {config.federation.strategy!r}: the Flower engine runs {', '.join(SUPPORTED_STRATEGIES)}"
-        )
-    if config.train.keep_optimizer_state:
-        raise ConfigError("train.keep_optimizer_state = true is not supported by the Flower engine (clients are stateless between rounds)")
-    if config.privacy.enabled:
-        raise ConfigError("privacy.enabled = true is not supported by the Flower engine yet")
-    if config.init.method == "federated" and get_strategy(config.federation.strategy).adapter_kind == "lorasb":
-        raise ConfigError(
-            'init.method = "federated" is not supported by the Flower engine yet: its sketch rounds would run inside the '
-            "ServerApp on every partition's data instead of on the nodes; use \"central\" or \"random\""
-        )
-    if settings.secagg and config.federation.strategy != "fedsb":
-        raise ConfigError("secagg = true is wired for Fed-SB only (its aggregate is a plain weighted mean)")
+    """Raise a `ConfigError` listing every refusal (see `refusals`)."""
+    reasons = refusals(config, settings)
+    if reasons:
+        raise ConfigError("the Flower engine cannot run this config: " + "; ".join(reasons))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -104,18 +119,20 @@ def _restore_rng(state: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-class FlowerServer:
-    """One run of the ServerApp: discovery, setup, rounds, results."""
+class FlowerTransport:
+    """The Flower side of a run: discovery, setup, round messages, screening, SecAgg+, the base chain."""
 
-    def __init__(self, grid: Grid, context: Context, settings: task.RunSettings) -> None:
+    engine = "deployment"
+
+    def __init__(self, grid: Grid, context: Context, settings: task.RunSettings, config: ExperimentConfig, out_dir: Path) -> None:
         self.grid = CountingGrid(grid)
         self.context = context
         self.settings = settings
-        self.config = task.experiment_config(settings)
-        check_supported(self.config, settings)
+        self.config = config
+        self.per_client = not settings.secagg  # under SecAgg+ the server sees only the aggregate
         self.config_text = task.config_text(self.config)
         self.config_sha = task.sha256(self.config_text)
-        self.out_dir = Path(settings.out_dir).expanduser().resolve()
+        self.out_dir = out_dir
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.needs_setup: set[int] = set()  # partitions whose node must get setup again
         self.frozen_sha = ""
@@ -272,7 +289,7 @@ class FlowerServer:
             self._event("rejected", round=round_index + 1, partition=pid, reason=reason)
         return accepted, {p: metrics[p] for p in accepted}, rejected, sizes
 
-    def _plain_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> dict[str, Any]:
+    def _plain_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger) -> dict[str, Any]:
         base = task.global_state_from_download(fed, download)
         shapes = {k: tuple(v.shape) for k, v in base.items()}
         live = [pid for pid in sampled if pid in self.node_of and pid not in self.needs_setup]
@@ -305,14 +322,33 @@ class FlowerServer:
             raise RoundFailed(
                 f"round {round_index + 1}: {len(accepted)} accepted updates of {len(sampled)} sampled, min-replies = {self.settings.min_replies}"
             )
-        for pid, update in sorted(accepted.items()):  # `sampled` is sorted: the simulation's order
-            if meter is not None:
-                fed.strategy.load_global(fed.model, update)
-                meter.add_client(fed.model, fed.strategy.client_weight(fed.clients[pid].num_examples))
-            fed.strategy.add(fed.model, update, fed.clients[pid].num_examples)
-        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "client_metrics": metrics, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds}
+        updates = [self._client_update(fed, pid, tensors, metrics[pid], replies[pid], sizes[pid]) for pid, tensors in sorted(accepted.items())]  # `sampled` is sorted: the simulation's order
+        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "updates": updates, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds}
+
+    @staticmethod
+    def _client_update(fed: Federation, pid: int, tensors: dict[str, Tensor], metrics: dict[str, float], reply: Message | None, size: int) -> ClientUpdate:
+        """A screened upload as the driver's `ClientUpdate`: the server's own example count (not
+        the client's claim); a DP node's accountant history from its reply."""
+        history = None
+        node = reply.content.config_records.get(NODE_RECORD) if reply is not None else None
+        if node is not None and "privacy-history" in node:
+            history = [list(map(float, e[:2])) + [int(e[2])] for e in json.loads(str(node["privacy-history"]))]
+        return ClientUpdate(
+            client_id=pid,
+            num_examples=fed.clients[pid].num_examples,
+            tensors=tensors,
+            loss=float(metrics["loss"]),
+            steps=int(metrics["steps"]),
+            tokens=int(metrics["tokens"]),
+            seconds=float(metrics["seconds"]),
+            state=ClientState(privacy_history=history),
+            payload_bytes=size,
+            metrics={k: float(v) for k, v in metrics.items() if k == "epsilon"},
+        )
 
     def _secagg_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger) -> dict[str, Any]:
+        """One update, the secure weighted mean (one strategy `add` of weight 1), and the
+        contributors' numbers apart."""
         from fedsb.flower.secagg import secagg_round
 
         base = task.global_state_from_download(fed, download)
@@ -337,12 +373,12 @@ class FlowerServer:
         if outcome.mean is None or len(outcome.results) < max(1, self.settings.min_replies):
             raise RoundFailed(f"round {round_index + 1}: secure aggregation ended with {len(outcome.results)} results (min-replies = {self.settings.min_replies})")
         mean = codec.ndarrays_to_state(outcome.mean, names, shapes)
-        fed.strategy.add(fed.model, mean, 1)  # one entry whose mean is the secure weighted mean
+        aggregate = ClientUpdate(client_id=-1, num_examples=1, tensors=mean, loss=0.0, steps=0, tokens=0, seconds=0.0)
         # What the server side was handed: one distinct vector (the aggregate, in every FitRes),
         # never a client's own R; its fp32 payload's sha256 is that of the new global R.
         received = {"fit_results": len(outcome.received), "distinct_vectors": len(set(outcome.received)), "strategy_adds": 1, "aggregate_sha256": task.sha256(comm.encode(mean, "fp32"))}
         contributors = sorted(int(r.metrics["partition-id"]) for r in outcome.results)
-        metrics = {int(r.metrics["partition-id"]): {"loss": float(r.metrics["loss"]), "steps": float(r.metrics["steps"]), "tokens": float(r.metrics["tokens"]), "seconds": float(r.metrics["seconds"]), "num-examples": float(fed.clients[int(r.metrics["partition-id"])].num_examples)} for r in outcome.results}
+        reports = sorted((self._client_update(fed, int(r.metrics["partition-id"]), {}, dict(r.metrics), None, 0) for r in outcome.results), key=lambda u: u.client_id)
         # Under SecAgg+ no safetensors payload exists: what each client sends and receives is
         # Flower's protocol traffic (keys, shares, masked vectors), so that is what is counted.
         for nid, nbytes in self.grid.sent.items():
@@ -353,54 +389,25 @@ class FlowerServer:
         missing.update({pid: "no SuperNode holds this partition" for pid in sampled if pid not in live})
         for pid, reason in sorted(missing.items()):
             self._event("missing", round=round_index + 1, partition=pid, reason=reason)
-        return {"accepted": contributors, "missing": missing, "rejected": {}, "client_metrics": metrics, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start, "secagg_aggregate": received}
+        return {"accepted": contributors, "missing": missing, "rejected": {}, "updates": [aggregate], "reports": reports, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start, "secagg_aggregate": received}
 
-    def run_round(self, fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
-        fcfg = self.config.federation
+    def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange:
+        """Send the round to the sampled partitions' nodes; return the screened updates."""
+        fed, ledger = run.fed, run.ledger
         if self.needs_setup:
             self._setup([self.node_of[p] for p in sorted(self.needs_setup) if p in self.node_of], with_frozen=True)
-        sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=self.config.seed, round_index=round_index)
-        wall = time.perf_counter()
         self.grid.reset()
         self.catchup_bytes = 0
-        fed.strategy.begin_round(fed.model)
-        if meter is not None and not self.settings.secagg:
-            meter.begin_round(fed.model, snapshot_base=fed.strategy.modifies_base)
         if self.settings.secagg:
             info = self._secagg_round(fed, round_index, sampled, download, ledger)
         else:
-            info = self._plain_round(fed, round_index, sampled, download, ledger, meter)
-        t0 = time.perf_counter()
-        next_download = fed.strategy.finish(fed.model, round_index)
-        errors = meter.finish(fed.model) if meter is not None and not self.settings.secagg else {}
-        aggregate = time.perf_counter() - t0
-        encoded = comm.encode(next_download, fcfg.wire_dtype)
-        cm = info["client_metrics"]
-        weights = {pid: float(fed.clients[pid].num_examples) for pid in cm}  # the server's count, not the client's claim
-        up = ledger.up[round_index] if ledger.rounds > round_index else {}
-        down = ledger.down[round_index] if ledger.rounds > round_index else {}
-        metrics = {
-            "round": round_index + 1,
-            "clients": sampled,
+            info = self._plain_round(fed, round_index, sampled, download, ledger)
+        updates: list[ClientUpdate] = info["updates"]
+        reports = info.get("reports") or [replace(u, tensors={}) for u in updates]
+        row = {
             "accepted": info["accepted"],
             "missing": {str(k): v for k, v in info["missing"].items()},
             "rejected": {str(k): v for k, v in info["rejected"].items()},
-            "train_loss": sum(cm[p]["loss"] * w for p, w in weights.items()) / sum(weights.values()),
-            "steps": int(sum(m["steps"] for m in cm.values())),
-            "tokens": int(sum(m["tokens"] for m in cm.values())),
-            "bytes_up": sum(up.values()),
-            "bytes_down": sum(down.values()),
-            "upload_bytes_per_client": max(up.values(), default=0),
-            "download_bytes_per_client": len(download),
-            "exactness_max": max(errors.values()) if errors else None,
-            "exactness_mean": sum(errors.values()) / len(errors) if errors else None,
-            "seconds": {
-                "train": sum(m["seconds"] for m in cm.values()),
-                "aggregate": aggregate,
-                "screen": info["screen_seconds"],
-                "exchange": info["exchange_seconds"],
-                "round_wall": time.perf_counter() - wall,
-            },
             "flower": {
                 "engine": "deployment",
                 "secagg": self.settings.secagg,
@@ -410,7 +417,9 @@ class FlowerServer:
                 **({"secagg_aggregate": info["secagg_aggregate"]} if "secagg_aggregate" in info else {}),
             },
         }
-        return metrics, encoded
+        failures = {**info["missing"], **info["rejected"]}
+        seconds = {"screen": info["screen_seconds"], "exchange": info["exchange_seconds"]}
+        return RoundExchange(updates=updates, reports=reports, failures=failures, seconds=seconds, row=row)
 
     # --- federated evaluation ------------------------------------------------------------
 
@@ -469,84 +478,60 @@ class FlowerServer:
         self._event("base-resync", round=start_round + 1, reason="the checkpoint's download is missing: every node gets the server's base")
         return download
 
-    # --- the run -------------------------------------------------------------------------
+    # --- the driver's hooks -------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def start(self, run: RunContext, download: bytes, meta: dict[str, Any] | None) -> bytes:
+        """Discovery and setup (config, and B, A once); on resume the RNG state and base chain."""
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        wall = time.perf_counter()
-        fed = self.fed = build_federation(cfg)
-        ledger = self.ledger
-        meter = ExactnessMeter() if cfg.federation.measure_exactness else None
-        rows: list[dict[str, Any]] = []
-        start_round = 0
-        resume = self.settings.resume and (self.out_dir / "checkpoint" / "meta.json").exists()
-        if resume:
-            meta, _ = load_checkpoint(self.out_dir, fed.model, fed.head_modules)
-            if meta.get("config_sha256") not in (None, self.config_sha):
-                raise ConfigError(f"{self.out_dir}: the checkpoint was written with another config; refusing to resume")
-            ledger = self.ledger = comm.CommLedger.from_dict(meta["ledger"])
+        fed = self.fed = run.fed
+        self.ledger = run.ledger
+        if meta is not None:
             self.resending = True  # every node got B, A in the interrupted run
-            rows, init_info, before = meta["metrics"], meta["init"], meta["eval_before"]
-            start_round = meta["round"] + 1
             if "rng" in meta:
                 _restore_rng(meta["rng"])
-            self._event("resumed", from_round=start_round)
+            self._event("resumed", from_round=int(meta["round"]) + 1)
         else:
-            atomic_write_bytes(self.out_dir / "config.toml", dump_config(cfg).encode())
             (self.out_dir / "flower_events.jsonl").unlink(missing_ok=True)
-            init_info = initialize_adapter(fed, ledger)
-            before = evaluate_federation(fed)
         if task.needs_frozen_broadcast(cfg):
             self.frozen = comm.encode(task.frozen_state(fed), cfg.init.broadcast_dtype)
             self.frozen_sha = task.sha256(self.frozen)
-        download = comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype)
-        if resume and self.folds:
-            download = self._restore_base_chain(meta, fed, start_round)
+        if meta is not None and self.folds:
+            download = self._restore_base_chain(meta, fed, int(meta["round"]) + 1)
         nodes = self._wait_for_nodes()
-        self._setup(nodes, with_frozen=not resume)
-        for r in range(start_round, cfg.federation.rounds):
-            metrics, download = self.run_round(fed, r, download, ledger, meter)
-            self._advance_base(download, r + 1)
-            every = cfg.task.eval_every
-            if r == cfg.federation.rounds - 1 or (every and (r + 1) % every == 0):
-                metrics["eval"] = evaluate_federation(fed)
-            if self.settings.federated_eval:
-                metrics["federated_eval"] = self.federated_eval(r, download)
-            rows.append(metrics)
-            atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
-            chain = self._save_base_chain(download)
-            save_checkpoint(
-                self.out_dir,
-                fed.model,
-                fed.head_modules,
-                round_index=r,
-                include_base=fed.strategy.modifies_base,
-                optimizer_states={},
-                meta={
-                    "ledger": ledger.to_dict(),
-                    "metrics": rows,
-                    "init": init_info,
-                    "eval_before": before,
-                    "download_shapes": {k: list(v.shape) for k, v in comm.decode(download)[0].items()},
-                    "download_bytes": len(download),
-                    "optimizer_param_groups": None,
-                    "engine": "flower",
-                    "config_sha256": self.config_sha,
-                    "rng": _rng_state(),
-                    **chain,
-                },
-            )
-            self._drop_old_downloads(download)
-            log.warning("round %d/%d done: %d accepted, %.1f s", r + 1, cfg.federation.rounds, len(metrics.get("accepted", [])), metrics["seconds"]["round_wall"])
-        save_adapter(fed.model, self.out_dir / "adapter", fed.head_modules, base_model=cfg.model.name)
-        summary = summarize(cfg, rows, ledger, init_info, before, time.perf_counter() - wall)
-        summary["flower"] = {
-            "engine": "deployment",
-            "secagg": self.settings.secagg,
-            "message_bytes_down": sum(r.get("flower", {}).get("message_bytes_down", 0) for r in rows),
-            "message_bytes_up": sum(r.get("flower", {}).get("message_bytes_up", 0) for r in rows),
-            "events": len(self.events),
+        self._setup(nodes, with_frozen=meta is None)
+        return download
+
+    def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
+        self._advance_base(download, round_index + 1)
+        extra = {"federated_eval": self.federated_eval(round_index, download)} if self.settings.federated_eval else {}
+        log.warning("round %d/%d done", round_index + 1, self.config.federation.rounds)
+        return extra
+
+    def checkpoint_meta(self, download: bytes) -> dict[str, Any]:
+        return {"rng": _rng_state(), **self._save_base_chain(download)}
+
+    def after_checkpoint(self, download: bytes) -> None:
+        self._drop_old_downloads(download)
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "flower": {
+                "engine": "deployment",
+                "secagg": self.settings.secagg,
+                "message_bytes_down": sum(r.get("flower", {}).get("message_bytes_down", 0) for r in rows),
+                "message_bytes_up": sum(r.get("flower", {}).get("message_bytes_up", 0) for r in rows),
+                "events": len(self.events),
+            }
         }
-        atomic_write_json(self.out_dir / "summary.json", summary)
-        return summary
+
+
+def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict[str, Any]:
+    """The ServerApp's run: the experiment driver over the Flower transport."""
+    config = task.experiment_config(settings)
+    check_supported(config, settings)
+    out_dir = Path(settings.out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume = settings.resume and (out_dir / "checkpoint" / "meta.json").exists()
+    base_eval = json.loads(Path(settings.base_eval).read_text()) if settings.base_eval else None
+    transport = FlowerTransport(grid, context, settings, config, out_dir)
+    return Experiment(config, out_dir, base_eval=base_eval).run(transport, resume=resume)

@@ -20,6 +20,8 @@ apart) or answers `missing-base`; it never trains on another base.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import shlex
 import tomllib
@@ -34,7 +36,9 @@ from fedsb.adapter.export import atomic_write_bytes
 from fedsb.adapter.inject import adapter_layers, load_state, mark_trainable, trainable_state
 from fedsb.config import ConfigError, ExperimentConfig, config_from_dict, dump_config, load_config
 from fedsb.federated import comm
-from fedsb.federated.server import Federation, build_federation, train_client
+from fedsb.federated.client import ClientState
+from fedsb.federated.server import Federation, build_federation
+from fedsb.federated.transport import client_round
 from fedsb.init import init_random
 
 
@@ -63,6 +67,7 @@ class RunSettings:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
     federated_eval: bool = False  # also ask every node for the loss of the global model on its data
+    base_eval: str = ""  # JSON file with the base model's evaluation from a sibling run (reused, not re-evaluated)
     fault_injection: str = ""  # testing hook: "PID:KIND[@ROUND],..." (see `FAULT_KINDS`)
 
     @classmethod
@@ -371,19 +376,71 @@ def global_state_from_download(fed: Federation, download: bytes) -> dict[str, Te
     return fed.strategy.client_start_state(fed.model, comm.decode(download)[0])
 
 
-def train_partition(fed: Federation, partition_id: int, round_index: int, global_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Local training of one partition with the simulation's own `train_client`."""
+CLIENT_STATE_KIND = "client-state"
+KEEP_STATE_ROUNDS = 2  # a restarted server may replay the last round: keep the state before it
+
+
+def _state_name(config_sha: str, partition_id: int) -> str:
+    return sha256(f"fedsb-client-state\n{config_sha}\n{partition_id}")
+
+
+def load_client_state(cache: NodeCache | None, config_sha: str, partition_id: int, round_index: int) -> ClientState:
+    """What this node kept after its last round before `round_index` (optimizer state, DP
+    accountant history). Keyed by round, so a round replayed after a server restart starts from
+    the same state (and, its seeds being the same, releases the same update: no extra privacy cost)."""
+    if cache is None:
+        return ClientState()
+    data = cache.get_named(CLIENT_STATE_KIND, _state_name(config_sha, partition_id))
+    if data is None:
+        return ClientState()
+    rounds = torch.load(io.BytesIO(data), weights_only=True)
+    earlier = [r for r in rounds if r < round_index]
+    if not earlier:
+        return ClientState()
+    entry = rounds[max(earlier)]
+    return ClientState(optimizer=entry.get("optimizer"), privacy_history=entry.get("privacy_history"))
+
+
+def save_client_state(cache: NodeCache | None, config_sha: str, partition_id: int, round_index: int, state: ClientState) -> None:
+    if cache is None or (state.optimizer is None and state.privacy_history is None):
+        return
+    name = _state_name(config_sha, partition_id)
+    data = cache.get_named(CLIENT_STATE_KIND, name)
+    rounds = torch.load(io.BytesIO(data), weights_only=True) if data is not None else {}
+    rounds = {r: e for r, e in rounds.items() if r < round_index}
+    rounds[round_index] = {"optimizer": state.optimizer, "privacy_history": state.privacy_history}
+    rounds = {r: rounds[r] for r in sorted(rounds)[-KEEP_STATE_ROUNDS:]}
+    buf = io.BytesIO()
+    torch.save(rounds, buf)
+    cache.put_named(CLIENT_STATE_KIND, name, buf.getvalue())
+    cache.prune_named(CLIENT_STATE_KIND, keep=64)
+
+
+def train_partition(
+    fed: Federation, partition_id: int, round_index: int, global_state: dict[str, Tensor], cache: NodeCache | None = None, config_sha: str = ""
+) -> tuple[dict[str, Tensor], dict[str, float], dict[str, Any]]:
+    """Local training of one partition with the in-process engine's own client path
+    (`transport.client_round`); the client's state (optimizer, DP accountant) lives in the node
+    cache. Returns (tensors, metrics, node fields for the reply)."""
     if not 0 <= partition_id < len(fed.clients):
         raise ValueError(f"partition-id {partition_id} is outside 0..{len(fed.clients) - 1}")
-    result = train_client(fed, fed.clients[partition_id], round_index, global_state)
+    state = load_client_state(cache, config_sha, partition_id, round_index)
+    update = client_round(fed, partition_id, round_index, global_state, state)
+    save_client_state(cache, config_sha, partition_id, round_index, update.state)
     metrics = {
-        "num-examples": float(result.num_examples),
-        "loss": float(result.loss),
-        "steps": float(result.steps),
-        "tokens": float(result.tokens),
-        "seconds": float(result.seconds),
+        "num-examples": float(update.num_examples),
+        "loss": float(update.loss),
+        "steps": float(update.steps),
+        "tokens": float(update.tokens),
+        "seconds": float(update.seconds),
     }
-    return trainable_state(fed.model, fed.head_modules), metrics
+    node: dict[str, Any] = {}
+    if fed.config.privacy.enabled and update.state.privacy_history is not None:
+        ledger = fed.privacy.clients[partition_id]
+        ledger.history = update.state.privacy_history
+        metrics["epsilon"] = float(ledger.epsilon())  # this node's own accountant
+        node["privacy-history"] = json.dumps(update.state.privacy_history)
+    return update.tensors, metrics, node
 
 
 @torch.no_grad()

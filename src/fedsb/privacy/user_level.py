@@ -24,12 +24,6 @@ from fedsb.adapter.inject import trainable_state
 from fedsb.aggregation.base import Strategy, weighted_sum_into
 from fedsb.privacy.accounting import Ledger, PrivacyError
 
-UNSUPPORTED = {
-    "fedex": "its server folds mean(B_i A_i), a per-client product the noise on the mean does not cover",
-    "flora": "it stacks every client's factors, so no noisy mean stands between a client and the model",
-}
-
-
 def _noise_seed(seed: int, round_index: int) -> int:
     return (seed * 1_000_003 + round_index * 10_007 + 7_919) % (2**63)
 
@@ -38,8 +32,8 @@ class UserLevelDP(Strategy):
     """Clip each client's update, average unweighted, add Gaussian noise, then let `inner` apply it."""
 
     def __init__(self, inner: Strategy, *, clip_norm: float, noise_multiplier: float, sample_rate: float, delta: float) -> None:
-        if inner.name in UNSUPPORTED:
-            raise PrivacyError(f"user-level DP does not support strategy {inner.name!r}: {UNSUPPORTED[inner.name]}")
+        if inner.user_level_dp_note:  # the strategy declares why noise on the mean cannot cover it
+            raise PrivacyError(f"user-level DP does not support strategy {inner.name!r}: {inner.user_level_dp_note}")
         if clip_norm <= 0 or noise_multiplier <= 0:
             raise PrivacyError(f"user-level DP needs clip norm > 0 and noise multiplier > 0, got {clip_norm}, {noise_multiplier}")
         super().__init__(weighted=False, head_modules=inner.head_modules, seed=inner.seed)

@@ -1,0 +1,281 @@
+"""The experiment driver: one run, whichever engine moves the updates.
+
+    setup -> base evaluation -> init -> [ round: sample -> transport -> aggregate -> evaluate
+                                          -> privacy accounting -> checkpoint ] -> summary
+
+`Experiment` owns everything above; a `Transport` owns only the arrow "download + sampled
+clients -> their `ClientUpdate`s (or failures)":
+
+- `InProcessTransport` (`fedsb.federated.transport`): clients train one after the other on the
+  server's own model, every payload through the wire format;
+- `FlowerTransport` (`fedsb.flower.server_loop`): messages to SuperNodes, screening, SecAgg+,
+  the FedEx/FLoRA base chain.
+
+So a feature (an evaluation, a privacy ledger, a checkpoint field) is written once and both
+engines have it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
+from fedsb.adapter.inject import trainable_state
+from fedsb.config import ConfigError, ExperimentConfig, dump_config
+from fedsb.federated import comm
+from fedsb.federated import server as _server  # evaluate_federation is looked up at call time (tests wrap it)
+from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
+from fedsb.federated.client import ClientUpdate
+from fedsb.federated.exactness import ExactnessMeter
+from fedsb.federated.partition import sample_clients
+from fedsb.federated.server import Federation, build_federation, initialize_adapter, summarize
+
+
+@dataclass
+class RunContext:
+    """What a transport may use of the run: the federation and the ledger it records bytes in."""
+
+    fed: Federation
+    ledger: comm.CommLedger
+
+
+@dataclass
+class RoundExchange:
+    """What a transport returns for one round.
+
+    `updates` is consumed once, in order, by the driver (a generator keeps one client's tensors
+    in memory at a time); `reports` holds every contributing client's numbers once `updates` is
+    consumed (under SecAgg+ the single update is the secure mean and the reports are apart).
+    """
+
+    updates: Iterable[ClientUpdate]
+    reports: list[ClientUpdate] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)  # sampled clients without an accepted update
+    seconds: dict[str, float] = field(default_factory=dict)  # transport time split (serialize, exchange, ...)
+    row: dict[str, Any] = field(default_factory=dict)  # extra metrics-row fields (accepted, flower, ...)
+
+
+class Transport(Protocol):
+    """Moves one round's download to the sampled clients and their updates back."""
+
+    engine: str  # "in-process" or "deployment": recorded in the checkpoint and the summary
+    per_client: bool  # False when the server only ever sees an aggregate (SecAgg+): no exactness meter
+
+    def start(self, run: RunContext, download: bytes, meta: dict[str, Any] | None) -> bytes:
+        """Before the first round (meta: the checkpoint's, on resume); returns the download to use."""
+        ...
+
+    def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange: ...
+
+    def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
+        """After aggregation, with the next download; returns extra row fields."""
+        ...
+
+    def checkpoint_meta(self, download: bytes) -> dict[str, Any]: ...
+
+    def after_checkpoint(self, download: bytes) -> None: ...
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+
+def play_round(fed: Federation, transport: Transport, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
+    """One round on any transport; returns (metrics row, the payload every client downloads next)."""
+    fcfg = fed.config.federation
+    wall = time.perf_counter()
+    sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=fed.config.seed, round_index=round_index)
+    fed.strategy.begin_round(fed.model)
+    meter = meter if transport.per_client else None
+    if meter is not None:
+        meter.begin_round(fed.model, snapshot_base=fed.strategy.modifies_base)
+    ex = transport.exchange(RunContext(fed, ledger), round_index, download, sampled)
+    aggregate = 0.0
+    for update in ex.updates:
+        t0 = time.perf_counter()
+        if meter is not None:  # the meter measures what the server received
+            fed.strategy.load_global(fed.model, update.tensors)
+            meter.add_client(fed.model, fed.strategy.client_weight(update.num_examples))
+        fed.strategy.add(fed.model, update.tensors, update.num_examples)
+        aggregate += time.perf_counter() - t0
+    if not ex.reports:
+        raise RuntimeError(f"round {round_index + 1}: no client update")
+    t0 = time.perf_counter()
+    next_download = fed.strategy.finish(fed.model, round_index)
+    errors = meter.finish(fed.model) if meter is not None else {}
+    aggregate += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encoded = comm.encode(next_download, fcfg.wire_dtype)
+    serialize = time.perf_counter() - t0
+    if fed.privacy is not None:  # the server's view of each client's accountant
+        for u in ex.reports:
+            if u.state.privacy_history is not None and u.client_id in fed.privacy.clients:
+                fed.privacy.clients[u.client_id].history = u.state.privacy_history
+    reports = ex.reports
+    weights = [r.num_examples for r in reports]
+    up = ledger.up[round_index] if ledger.rounds > round_index else {}
+    down = ledger.down[round_index] if ledger.rounds > round_index else {}
+    seconds = {"train": sum(r.seconds for r in reports), "aggregate": aggregate, **ex.seconds}
+    seconds["serialize"] = seconds.get("serialize", 0.0) + serialize
+    seconds["round_wall"] = time.perf_counter() - wall
+    metrics: dict[str, Any] = {
+        "round": round_index + 1,
+        "clients": sampled,
+        "train_loss": sum(r.loss * w for r, w in zip(reports, weights)) / sum(weights),
+        "steps": int(sum(r.steps for r in reports)),
+        "tokens": int(sum(r.tokens for r in reports)),
+        "bytes_up": sum(up.values()),
+        "bytes_down": sum(down.values()),
+        "upload_bytes_per_client": max(up.values(), default=0),
+        "download_bytes_per_client": len(download),
+        "exactness_max": max(errors.values()) if errors else None,
+        "exactness_mean": sum(errors.values()) / len(errors) if errors else None,
+        **ex.row,
+        "seconds": seconds,
+    }
+    if fed.privacy is not None:
+        metrics.update(fed.privacy.round_metrics(fed.strategy))
+    return metrics, encoded
+
+
+@dataclass
+class RunState:
+    """The typed part of a checkpoint's meta: where a resumed run continues from."""
+
+    round: int  # last completed round (0-based); -1 before the first
+    rows: list[dict[str, Any]]
+    init: dict[str, Any]
+    eval_before: dict[str, Any]
+    ledger: comm.CommLedger
+    privacy: dict[str, Any] | None = None
+
+    def to_meta(self, download: bytes, engine: str, config_sha256: str, optimizer_param_groups: Any) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger.to_dict(),
+            "metrics": self.rows,
+            "init": self.init,
+            "eval_before": self.eval_before,
+            "download_shapes": {k: list(v.shape) for k, v in comm.decode(download)[0].items()},
+            "download_bytes": len(download),
+            "optimizer_param_groups": optimizer_param_groups,
+            "privacy": self.privacy,
+            "engine": engine,
+            "config_sha256": config_sha256,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "RunState":
+        return cls(
+            round=int(meta["round"]),
+            rows=meta["metrics"],
+            init=meta["init"],
+            eval_before=meta["eval_before"],
+            ledger=comm.CommLedger.from_dict(meta["ledger"]),
+            privacy=meta.get("privacy"),
+        )
+
+
+def config_sha256(config: ExperimentConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(dump_config(config).encode()).hexdigest()
+
+
+class Experiment:
+    """One run of a config through a transport: writes the results folder, returns the summary."""
+
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, base_eval: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.base_eval = base_eval  # the base model's evaluation from a sibling run (same model, seed, eval)
+        self.fed: Federation | None = None
+        self.ledger = comm.CommLedger()
+
+    def run(self, transport: Transport, *, resume: bool = False, fed: Federation | None = None) -> dict[str, Any]:
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        wall = time.perf_counter()
+        fed = self.fed = fed or build_federation(config)
+        meter = ExactnessMeter() if config.federation.measure_exactness else None
+        sha = config_sha256(config)
+        meta: dict[str, Any] | None = None
+        if resume:
+            meta, opt_states = load_checkpoint(self.out_dir, fed.model, fed.head_modules)
+            if meta.get("config_sha256") not in (None, sha):
+                raise ConfigError(f"{self.out_dir}: the checkpoint was written with another config; refusing to resume")
+            for cid, opt in opt_states.items():
+                fed.clients[cid].optimizer_state = opt
+            state = RunState.from_meta(meta)
+            if fed.privacy is not None:
+                fed.privacy.load_dict(state.privacy or {})
+            download = comm.encode(_download_from_meta(fed, meta), config.federation.wire_dtype)
+        else:
+            atomic_write_bytes(self.out_dir / "config.toml", dump_config(config).encode())
+            before = self.base_eval if self.base_eval is not None else _server.evaluate_federation(fed)  # adapters are no-ops
+            ledger = comm.CommLedger()
+            init_info = initialize_adapter(fed, ledger)
+            if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
+                init_info["eval"] = _server.evaluate_federation(fed)
+            state = RunState(round=-1, rows=[], init=init_info, eval_before=before, ledger=ledger)
+            download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
+        self.ledger = state.ledger
+        download = transport.start(RunContext(fed, state.ledger), download, meta)
+        for r in range(state.round + 1, config.federation.rounds):
+            metrics, download = play_round(fed, transport, r, download, state.ledger, meter)
+            metrics.update(transport.after_round(RunContext(fed, state.ledger), r, download))
+            every = config.task.eval_every
+            if r == config.federation.rounds - 1 or (every and (r + 1) % every == 0):
+                metrics["eval"] = _server.evaluate_federation(fed)
+            state.rows.append(metrics)
+            state.round = r
+            state.privacy = fed.privacy.to_dict() if fed.privacy is not None else None
+            self._checkpoint(fed, state, download, transport, sha)
+        save_adapter(fed.model, self.out_dir / "adapter", fed.head_modules, base_model=config.model.name)
+        summary = summarize(config, state.rows, state.ledger, state.init, state.eval_before, time.perf_counter() - wall)
+        if fed.privacy is not None:
+            summary["privacy"] = fed.privacy.summary()
+            summary["epsilon"] = summary["privacy"].get("epsilon")
+            summary["user_epsilon"] = summary["privacy"].get("user_epsilon")
+        summary.update(transport.summary(state.rows))
+        atomic_write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+    def _checkpoint(self, fed: Federation, state: RunState, download: bytes, transport: Transport, sha: str) -> None:
+        atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.rows).encode())
+        extra = transport.checkpoint_meta(download)
+        save_checkpoint(
+            self.out_dir,
+            fed.model,
+            fed.head_modules,
+            round_index=state.round,
+            include_base=fed.strategy.modifies_base,
+            optimizer_states={c.client_id: c.optimizer_state for c in fed.clients if c.optimizer_state},
+            meta={
+                **state.to_meta(
+                    download,
+                    transport.engine,
+                    sha,
+                    next((c.optimizer_state["param_groups"] for c in fed.clients if c.optimizer_state), None),
+                ),
+                **extra,
+            },
+        )
+        transport.after_checkpoint(download)
+
+
+def _download_from_meta(fed: Federation, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Rebuild next round's download after a restart. Clients only load the trainable part; the
+    rest (FedEx residuals, FLoRA stacks) is already folded into the checkpointed base weights,
+    so zeros of the recorded shapes keep the byte count exact."""
+    state = trainable_state(fed.model, fed.head_modules)
+    out: dict[str, Tensor] = {}
+    for key, shape in meta["download_shapes"].items():
+        value = state.get(key)
+        out[key] = value if value is not None and list(value.shape) == shape else torch.zeros(shape)
+    return out
