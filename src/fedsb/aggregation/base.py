@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +34,26 @@ def weighted_mean(sums: Mapping[str, Tensor], total_weight: float) -> dict[str, 
     return {k: (v / total_weight).float() for k, v in sums.items()}
 
 
+Direction = Literal["up", "down"]
+WireNames = list[tuple[str, tuple[int, ...]]]
+
+
+def lora_names(module: str, d_out: int, d_in: int, rank: int) -> WireNames:
+    """A LoRA pair's wire names and shapes: "<m>.lora_A" (r x d_in), "<m>.lora_B" (d_out x r)."""
+    return [(f"{module}.lora_A", (rank, d_in)), (f"{module}.lora_B", (d_out, rank))]
+
+
 class Strategy(ABC):
-    """One aggregation rule. Subclasses set the class attributes and implement `finish`."""
+    """One aggregation rule. Subclasses set the class attributes and implement `finish`.
+
+    The class attributes and class methods declare what a strategy *is*, so the rest of the code
+    (communication tables, the Flower checks, the results tables, the DP checks) reads them
+    from the registry instead of testing names: adding a strategy is one file.
+    """
 
     name: ClassVar[str]
+    display_name: ClassVar[str] = ""  # in tables ("Fed-SB", "FedEx-LoRA", ...)
+    table_order: ClassVar[int] = 100  # position in tables
     adapter_kind: ClassVar[str] = "lora"  # "lorasb" or "lora"
     train_a: ClassVar[bool] = True  # LoRA baselines: does A train?
     modifies_base: ClassVar[bool] = False  # folds something into the frozen weights
@@ -46,6 +62,26 @@ class Strategy(ABC):
     supports_secagg: ClassVar[bool] = False  # its aggregate is the weighted mean SecAgg+ computes
     secagg_note: ClassVar[str] = "SecAgg+ is wired for strategies whose aggregate is a plain weighted mean of R (Fed-SB)"
     user_level_dp_note: ClassVar[str] = ""  # non-empty: why user-level DP (noise on the mean) cannot cover it
+
+    # --- what travels (the single source of wire names; `fedsb.federated.comm_table`) ---------
+
+    @classmethod
+    def wire_names(cls, module: str, d_out: int, d_in: int, rank: int, direction: Direction, clients: int) -> WireNames:
+        """The tensors one adapted module contributes to one client's upload or download."""
+        raise NotImplementedError(f"strategy {cls.__name__} does not declare its wire names")
+
+    @classmethod
+    def comm_params(cls, modules: list[tuple[str, int, int]], head: int, rank: int, clients: int) -> tuple[int, int]:
+        """(count, the Fed-SB paper's count) of trainable numbers communicated per client and
+        round (FedEx/FLoRA: summed over clients, as the paper tabulates them)."""
+        n = sum(rank * (d_in + d_out) for _, d_out, d_in in modules) + head
+        return n, n
+
+    @classmethod
+    def one_time_init(cls) -> bool:
+        """Whether a data-driven init ships frozen factors once (LoRA-SB's B, A); the LoRA
+        baselines draw A from a shared seed instead."""
+        return cls.adapter_kind == "lorasb"
 
     def __init__(self, *, weighted: bool = True, head_modules: list[str] | None = None, seed: int = 0) -> None:
         self.weighted = weighted

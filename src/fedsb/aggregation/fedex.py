@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsb.adapter.inject import adapter_layers
-from fedsb.aggregation.base import Strategy
+from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names
 from fedsb.aggregation.registry import register_strategy
 
 
@@ -20,6 +20,19 @@ from fedsb.aggregation.registry import register_strategy
 class FedExLoRA(Strategy):
     modifies_base = True
     user_level_dp_note = "its server folds mean(B_i A_i), a per-client product the noise on the mean does not cover"
+    display_name = "FedEx-LoRA"
+    table_order = 3
+
+    @classmethod
+    def wire_names(cls, module: str, d_out: int, d_in: int, rank: int, direction: Direction, clients: int) -> WireNames:
+        """A, B up; mean A, mean B and the residual (d_out x d_in) down."""
+        pair = lora_names(module, d_out, d_in, rank)
+        return pair if direction == "up" else [*pair, (f"{module}.residual", (d_out, d_in))]
+
+    @classmethod
+    def comm_params(cls, modules: list[tuple[str, int, int]], head: int, rank: int, clients: int) -> tuple[int, int]:
+        n = clients * (sum(rank * (d_in + d_out) for _, d_out, d_in in modules) + head)  # every client's adapters
+        return n, n
 
     def begin_round(self, model: nn.Module) -> None:
         super().begin_round(model)

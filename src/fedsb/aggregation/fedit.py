@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fedsb.aggregation.base import Strategy
+from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names
 from fedsb.aggregation.registry import register_strategy
 
 
 @register_strategy("fedit")
 class FedIT(Strategy):
     exact = False
+    display_name = "FedIT"
+    table_order = 1
+
+    @classmethod
+    def wire_names(cls, module: str, d_out: int, d_in: int, rank: int, direction: Direction, clients: int) -> WireNames:
+        return lora_names(module, d_out, d_in, rank)  # A and B, both ways
 
     def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
         mean = self.mean_update()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fedsb.aggregation.base import Strategy
+from fedsb.aggregation.base import Direction, Strategy, WireNames
 from fedsb.aggregation.registry import register_strategy
 
 
@@ -12,6 +12,17 @@ from fedsb.aggregation.registry import register_strategy
 class FedSB(Strategy):
     adapter_kind = "lorasb"
     supports_secagg = True  # the server needs only sum_i w_i R_i and sum_i w_i
+    display_name = "Fed-SB"
+    table_order = 0
+
+    @classmethod
+    def wire_names(cls, module: str, d_out: int, d_in: int, rank: int, direction: Direction, clients: int) -> WireNames:
+        return [(f"{module}.R", (rank, rank))]  # both ways; B, A travel once (init broadcast)
+
+    @classmethod
+    def comm_params(cls, modules: list[tuple[str, int, int]], head: int, rank: int, clients: int) -> tuple[int, int]:
+        n = rank * rank * len(modules) + head
+        return n, n
 
     def prepare(self, model: nn.Module) -> None:
         """B, A and R0 come from the LoRA-SB initialization, not from here."""

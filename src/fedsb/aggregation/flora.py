@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fedsb.adapter.inject import adapter_layers
 from fedsb.adapter.layer import LoraLinear
-from fedsb.aggregation.base import Strategy
+from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names
 from fedsb.aggregation.registry import register_strategy
 
 
@@ -19,6 +19,18 @@ from fedsb.aggregation.registry import register_strategy
 class FLoRA(Strategy):
     modifies_base = True
     user_level_dp_note = "it stacks every client's factors, so no noisy mean stands between a client and the model"
+    display_name = "FLoRA"
+    table_order = 4
+
+    @classmethod
+    def wire_names(cls, module: str, d_out: int, d_in: int, rank: int, direction: Direction, clients: int) -> WireNames:
+        """A, B up; the clients' adapters stacked along the rank axis down (same names, rank N r)."""
+        return lora_names(module, d_out, d_in, rank if direction == "up" else clients * rank)
+
+    @classmethod
+    def comm_params(cls, modules: list[tuple[str, int, int]], head: int, rank: int, clients: int) -> tuple[int, int]:
+        n = clients * (sum(rank * (d_in + d_out) for _, d_out, d_in in modules) + head)  # every client's adapters
+        return n, n
 
     def begin_round(self, model: nn.Module) -> None:
         super().begin_round(model)

@@ -29,6 +29,7 @@ def get_strategy(name: str) -> type["Strategy"]:
 
 
 def strategy_names() -> list[str]:
+    """Every registered strategy, in table order (Fed-SB first, then the baselines)."""
     import fedsb.aggregation  # noqa: F401
 
-    return sorted(_STRATEGIES)
+    return sorted(_STRATEGIES, key=lambda n: (_STRATEGIES[n].table_order, n))

@@ -17,7 +17,9 @@ from rich.console import Console
 from fedsb.adapter.export import atomic_write_bytes, atomic_write_json
 from fedsb.report import human_bytes
 
-ALL_STRATEGIES = ["fedsb", "fedit", "ffa", "fedex", "flora"]
+from fedsb.aggregation import get_strategy, strategy_names
+
+ALL_STRATEGIES = strategy_names()  # every registered strategy, in table order
 
 
 def _cell(ev: dict[str, Any]) -> str:
@@ -70,7 +72,7 @@ def results(
         summaries: list[dict[str, Any]] = []
         for strategy in strategies:
             overrides = [f"federation.strategy={json.dumps(strategy)}", *(set_ or [])]
-            if strategy != "fedsb":
+            if get_strategy(strategy).adapter_kind != "lorasb":  # the LoRA baselines' rank and lr
                 overrides += [f"adapter.rank={baseline_rank}", f"train.lr={baseline_lr}"]
             cfg = load_config(configs / f"{experiment}.toml", overrides)
             run_dir = out / experiment / strategy

@@ -17,22 +17,24 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from fedsb.aggregation import Strategy, get_strategy, strategy_names
+from fedsb.aggregation.base import lora_names
 from fedsb.federated.comm import WIRE_DTYPES, encoded_size
 from fedsb.federated.shapes import ModelShape
 
-Method = Literal["fedsb", "fedit", "ffa", "fedex", "flora"]
 Direction = Literal["up", "down"]
 Init = Literal["central", "federated", "random"]
 Module = tuple[str, int, int]  # (name, d_out, d_in)
 
-METHODS: tuple[str, ...] = ("fedsb", "fedit", "ffa", "fedex", "flora")
+METHODS: tuple[str, ...] = tuple(strategy_names())  # every registered strategy, in table order
 INITS: tuple[str, ...] = ("central", "federated", "random")
 BASELINE_RANK = 32
 
 
-def _check_method(method: str) -> None:
+def _strategy(method: str) -> type[Strategy]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    return get_strategy(method)
 
 
 def payload_names(
@@ -44,27 +46,12 @@ def payload_names(
     direction: Direction = "up",
     clients: int = 1,
 ) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensors one module contributes to one message: the single source of wire names.
-
-    fedsb: "<m>.R" both ways. fedit: "<m>.lora_A", "<m>.lora_B" both ways. ffa: "<m>.lora_B".
-    fedex: A, B up; mean A, mean B and "<m>.residual" (d_out x d_in) down. flora: A, B up; the
-    N clients' adapters stacked along the rank axis down (same names, rank N*r).
-    """
-    _check_method(method)
+    """The tensors one module contributes to one message, as the strategy declares them
+    (`Strategy.wire_names`: the single source of wire names)."""
+    cls = _strategy(method)
     if direction not in ("up", "down"):
         raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
-    a = (f"{module_name}.lora_A", (rank, d_in))
-    b = (f"{module_name}.lora_B", (d_out, rank))
-    if method == "fedsb":
-        return [(f"{module_name}.R", (rank, rank))]
-    if method == "fedit" or (method in ("fedex", "flora") and direction == "up"):
-        return [a, b]
-    if method == "ffa":
-        return [b]
-    if method == "fedex":
-        return [a, b, (f"{module_name}.residual", (d_out, d_in))]
-    n_r = clients * rank  # flora download
-    return [(f"{module_name}.lora_A", (n_r, d_in)), (f"{module_name}.lora_B", (d_out, n_r))]
+    return cls.wire_names(module_name, d_out, d_in, rank, direction, clients)
 
 
 def payload_shapes(
@@ -85,8 +72,8 @@ def payload_shapes(
 
 
 def init_broadcast_shapes(modules: Sequence[Module], rank: int) -> dict[str, tuple[int, ...]]:
-    """Fed-SB's frozen factors sent once to every client (same names as fedit's A, B)."""
-    return payload_shapes(modules, "fedit", rank)
+    """LoRA-SB's frozen factors sent once to every client ("<m>.lora_A", "<m>.lora_B")."""
+    return {n: shape for name, d_out, d_in in modules for n, shape in lora_names(name, d_out, d_in, rank)}
 
 
 def one_time_bytes(
@@ -99,7 +86,7 @@ def one_time_bytes(
     oversample: int = 10,
     power_iters: int = 0,
 ) -> dict[str, int]:
-    """Fed-SB's one-time traffic over all clients, by label (empty for a seeded random init).
+    """The one-time traffic of a data-driven LoRA-SB init over all clients, by label (empty for a seeded random init).
 
     "federated" adds the sketch protocol of `fedsb.init.federated`: per client and module,
     (d_out + d_in) * k numbers up and d_out * k down (the basis Q), k = min(r + p, d_out, d_in),
@@ -123,24 +110,9 @@ def one_time_bytes(
 
 
 def comm_params(shape: ModelShape, method: str, rank: int, clients: int) -> tuple[int, int]:
-    """(count, paper count): trainable numbers communicated, as the Fed-SB paper tabulates them.
-
-    FFA-LoRA's paper count is half of FedIT's adapters; the true count (B only, r*d_out) differs
-    whenever d_out != d_in (grouped-query k/v projections, MLP up/gate/down).
-    """
-    _check_method(method)
-    head = shape.head_params
-    fedit = sum(rank * (d_in + d_out) for _, d_out, d_in in shape.modules)
-    if method == "fedsb":
-        n = rank * rank * len(shape.modules) + head
-        return n, n
-    if method == "fedit":
-        return fedit + head, fedit + head
-    if method == "ffa":
-        true = sum(rank * d_out for _, d_out, _ in shape.modules) + head
-        return true, fedit // 2 + head
-    n = clients * (fedit + head)  # fedex, flora: every client's adapters are communicated
-    return n, n
+    """(count, paper count): trainable numbers communicated, as the Fed-SB paper tabulates them
+    (`Strategy.comm_params`)."""
+    return _strategy(method).comm_params(list(shape.modules), shape.head_params, rank, clients)
 
 
 def comm_row(
@@ -165,11 +137,12 @@ def comm_row(
         encoded_size(payload_shapes(shape.modules, method, rank, clients, shape.head_shapes, d), wire_dtype)
         for d in ("up", "down")
     )
-    row_init = init if method == "fedsb" else "random"  # baselines draw A from a shared seed
+    data_init = _strategy(method).one_time_init()
+    row_init = init if data_init else "random"  # baselines draw A from a shared seed
     once = (
         one_time_bytes(shape.modules, rank, clients, init, wire_dtype=wire_dtype,
                        oversample=oversample, power_iters=power_iters)
-        if method == "fedsb" else {}
+        if data_init else {}
     )  # fmt: skip
     one = sum(once.values())
     return {
@@ -202,10 +175,11 @@ def comm_table(
     baseline_rank: int = BASELINE_RANK,
     **row_options: Any,
 ) -> list[dict[str, Any]]:
-    """Rows for `methods`: Fed-SB once per rank in `ranks`, each baseline at `baseline_rank`."""
+    """Rows for `methods`: Fed-SB (LoRA-SB adapters) once per rank in `ranks`, each LoRA
+    baseline at `baseline_rank`."""
     rows = []
     for method in methods:
-        for r in ranks if method == "fedsb" else [baseline_rank]:
+        for r in ranks if _strategy(method).adapter_kind == "lorasb" else [baseline_rank]:
             rows.append(comm_row(shape, method, r, clients, rounds, **row_options))
     return rows
 
