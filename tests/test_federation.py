@@ -160,3 +160,29 @@ def test_init_step_scale_is_configurable_and_a_large_one_warns(tmp_path):
     fed = build_federation(make_config())  # lr 5e-3, under one warm-up step: the paper's rule gives 5e-3
     with pytest.warns(UserWarning, match="init.lr_eff"):
         assert fed.init_lr_eff() == pytest.approx(5e-3)
+
+
+def test_federated_init_as_exchanges_is_the_in_process_init():
+    """The message form of the sketch protocol (what a Flower node answers to `query.init`)
+    gives bit for bit the in-process init's factors and counts the same bytes."""
+    from fedsb.adapter.inject import adapter_state
+    from fedsb.federated import comm
+    from fedsb.federated.federated_init import client_init_message, client_signs, run_federated_init, run_federated_init_exchanges
+    from fedsb.federated.server import build_federation
+
+    cfg = make_config(init={"method": "federated", "power_iters": 1}, federation={"rounds": 1})
+    local, ledger_local = build_federation(cfg), comm.CommLedger()
+    info_local = run_federated_init(local, ledger_local)
+    remote, ledger_remote = build_federation(cfg), comm.CommLedger()
+    signs = {c: client_signs(remote, c) for c in range(len(remote.clients))}  # each node, before the protocol
+    kinds = []
+
+    def exchange(kind, broadcast):
+        kinds.append(kind)
+        return {c: client_init_message(remote, s, kind, broadcast) for c, s in signs.items()}
+
+    info_remote = run_federated_init_exchanges(remote, ledger_remote, exchange)
+    a, b = adapter_state(local.model), adapter_state(remote.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert kinds == ["sketch", "left", "right", "project"] and info_remote == info_local
+    assert ledger_remote.to_dict() == ledger_local.to_dict()

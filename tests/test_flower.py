@@ -448,10 +448,11 @@ def test_engine_runs_every_strategy_and_refuses_the_rest_with_a_reason():
         check_supported(_tiny_config(strategy), plain)
     # what used to be refused runs now: the optimizer state and the DP accountant live on the node
     check_supported(config_from_dict({**data, "train": {**data["train"], "keep_optimizer_state": True}}), plain)
+    check_supported(config_from_dict({**data, "init": {**data["init"], "method": "federated"}}), plain)  # sketch rounds as messages
     private = {**data, "init": {**data["init"], "method": "random"}, "privacy": {"enabled": True}}
     check_supported(config_from_dict(json.loads(json.dumps(private))), plain)
     refused = {
-        "federated": ({**data, "init": {**data["init"], "method": "federated"}}, plain),
+        "sketch exchanges are plain messages": ({**data, "init": {**data["init"], "method": "federated"}}, secagg),
         "Fed-SB": ({**data, "federation": {**data["federation"], "strategy": "fedex"}}, secagg),
         "accountant history": (private, secagg),
         "private init on client data": ({**private, "init": data["init"]}, plain),

@@ -219,7 +219,7 @@ class Experiment:
             atomic_write_bytes(self.out_dir / "config.toml", dump_config(config).encode())
             before = self.base_eval if self.base_eval is not None else _server.evaluate_federation(fed)  # adapters are no-ops
             ledger = comm.CommLedger()
-            init_info = initialize_adapter(fed, ledger)
+            init_info = initialize_adapter(fed, ledger, getattr(transport, "init_exchange", None))
             if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
                 init_info["eval"] = _server.evaluate_federation(fed)
             state = RunState(round=-1, rows=[], init=init_info, eval_before=before, ledger=ledger)

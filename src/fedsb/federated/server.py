@@ -170,8 +170,12 @@ def init_batches(fed: Federation) -> list[dict[str, Tensor]]:
     return [collate(items[i : i + cfg.batch_size], pad, fed.classification) for i in range(0, len(items), cfg.batch_size)]
 
 
-def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, Any]:
-    """LoRA-SB init for Fed-SB (central, federated or random); baselines are seeded in `prepare`."""
+def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: Any = None) -> dict[str, Any]:
+    """LoRA-SB init for Fed-SB (central, federated or random); baselines are seeded in `prepare`.
+
+    init_exchange: how the federated init's exchanges reach the clients (a transport's, e.g.
+    Flower messages); None runs the clients' side in process.
+    """
     cfg = fed.config
     layers = adapter_layers(fed.model)
     if fed.strategy.adapter_kind != "lorasb":
@@ -206,9 +210,9 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, An
                 lr_eff=fed.init_lr_eff(),
             )
     else:
-        from fedsb.federated.federated_init import run_federated_init
+        from fedsb.federated.federated_init import run_federated_init, run_federated_init_exchanges
 
-        info.update(run_federated_init(fed, ledger))
+        info.update(run_federated_init(fed, ledger) if init_exchange is None else run_federated_init_exchanges(fed, ledger, init_exchange))
     mark_trainable(fed.model, fed.head_modules)
     if cfg.init.method in ("central", "federated"):
         # B and A go to every client once; a seeded random init needs no broadcast at all.

@@ -1,6 +1,6 @@
 """The Flower ClientApp: one SuperNode = one data partition (`--node-config partition-id=K`).
 
-Three message kinds:
+Four message kinds:
 
 - query "setup": the server's experiment config (TOML text) and, once, the frozen B, A. The node
   stores both in its content-addressed cache (`task.NodeCache`) after checking the sha256 the
@@ -15,6 +15,8 @@ Three message kinds:
   Under SecAgg+ (`fedsb_secagg_mod`) the same training runs, but the upload is Flower's masked,
   weighted vector instead of plain R.
 - evaluate: the loss of the global adapter on the node's partition.
+- query "init": one exchange of the federated init (`init.method = "federated"`): the node
+  takes its gradient signs once (kept in its cache) and answers with its sketch message.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from fedsb.flower.protocol import (
     CONFIG_RECORD,
     DOWNLOAD_RECORD,
     FROZEN_RECORD,
+    INIT_ACTION,
+    INIT_RECORD,
     METRICS_RECORD,
     MISSING_BASE,
     MISSING_SETUP,
@@ -106,6 +110,25 @@ def setup(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({NODE_RECORD: reply}), reply_to=msg)
+
+
+@app.query(INIT_ACTION)
+def init(msg: Message, context: Context) -> Message:
+    """One exchange of the federated init: this partition's sketch message (never its U_i)."""
+    from fedsb.federated.federated_init import client_init_message
+
+    cfg = msg.content.config_records[INIT_RECORD]
+    config_sha = str(cfg["config-sha256"])
+    cache = task.node_cache(context.node_config)
+    try:
+        fed = task.init_federation(cache, config_sha)
+    except task.MissingSetup as e:
+        return _missing(msg, str(e))
+    arrays = msg.content.array_records
+    broadcast = comm.decode(codec.payload_from_record(arrays[DOWNLOAD_RECORD]))[0] if DOWNLOAD_RECORD in arrays else {}
+    signs = task.init_signs(fed, cache, config_sha, _partition_id(context))
+    message = client_init_message(fed, signs, str(cfg["kind"]), broadcast)
+    return Message(RecordDict({UPDATE_RECORD: codec.payload_record(comm.encode(message, "fp32"))}), reply_to=msg)
 
 
 @app.train()

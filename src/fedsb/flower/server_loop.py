@@ -51,6 +51,8 @@ from fedsb.flower.protocol import (
     CONFIG_RECORD,
     DOWNLOAD_RECORD,
     FROZEN_RECORD,
+    INIT_MESSAGE_TYPE,
+    INIT_RECORD,
     METRICS_RECORD,
     MISSING_SETUP,
     NODE_RECORD,
@@ -73,11 +75,6 @@ def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
     """
     strategy = get_strategy(config.federation.strategy)
     out: list[str] = []
-    if strategy.adapter_kind == "lorasb" and config.init.method == "federated":
-        out.append(
-            'init.method = "federated": its sketch rounds would run inside the ServerApp on every partition\'s data '
-            'instead of on the nodes (not yet sent as Flower messages); use "central" or "random"'
-        )
     if config.privacy.enabled and strategy.adapter_kind == "lorasb" and config.init.method == "central" and not config.init.data.startswith("public:"):
         out.append(
             "privacy.enabled with a private init on client data: the init's Gaussian mechanism would run in the "
@@ -89,6 +86,8 @@ def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
             out.append(f"secagg = true: {strategy.secagg_note}")
         if config.privacy.enabled:
             out.append("secagg = true with privacy.enabled: SecAgg+'s FitRes carries no accountant history, so no node's epsilon could be reported")
+        if strategy.adapter_kind == "lorasb" and config.init.method == "federated":
+            out.append('secagg = true with init.method = "federated": the init\'s sketch exchanges are plain messages, not SecAgg+')
         if config.privacy.user_level:
             out.append("secagg = true with privacy.user_level: each client's update is clipped by the server before the sum, which SecAgg+ hides from it")
     return out
@@ -490,16 +489,44 @@ class FlowerTransport:
             if "rng" in meta:
                 _restore_rng(meta["rng"])
             self._event("resumed", from_round=int(meta["round"]) + 1)
-        else:
-            (self.out_dir / "flower_events.jsonl").unlink(missing_ok=True)
         if task.needs_frozen_broadcast(cfg):
             self.frozen = comm.encode(task.frozen_state(fed), cfg.init.broadcast_dtype)
             self.frozen_sha = task.sha256(self.frozen)
         if meta is not None and self.folds:
             download = self._restore_base_chain(meta, fed, int(meta["round"]) + 1)
-        nodes = self._wait_for_nodes()
-        self._setup(nodes, with_frozen=meta is None)
+        if self.node_of and meta is None:  # set up already (the federated init's exchanges): B, A now
+            self.resending = False
+            self._setup(sorted(self.node_of.values()), with_frozen=True)
+        else:
+            self._setup(self._wait_for_nodes(), with_frozen=meta is None)
         return download
+
+    def init_exchange(self, kind: str, broadcast: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """One exchange of the federated init as `query.init` messages to every partition's
+        node (`federated_init.run_federated_init_exchanges` does the server's arithmetic)."""
+        if not self.node_of:
+            self._setup(self._wait_for_nodes(), with_frozen=False)  # the config; B, A do not exist yet
+        n = self.config.federation.num_clients
+        absent = [pid for pid in range(n) if pid not in self.node_of]
+        if absent:
+            raise RoundFailed(f"federated init: no SuperNode holds partitions {absent}; every client takes part in it")
+        payload = comm.encode(broadcast, "fp32") if broadcast else None
+        messages = []
+        for pid in range(n):
+            content = RecordDict({INIT_RECORD: ConfigRecord({"config-sha256": self.config_sha, "kind": kind})})
+            if payload is not None:
+                content[DOWNLOAD_RECORD] = codec.payload_record(payload)
+            messages.append(Message(content, dst_node_id=self.node_of[pid], message_type=INIT_MESSAGE_TYPE, ttl=self.settings.round_timeout + 60))
+        ex = exchange(self.grid, messages, timeout=self.settings.round_timeout)
+        pid_of = {nid: pid for pid, nid in self.node_of.items()}
+        out: dict[int, dict[str, Tensor]] = {}
+        for nid, reply in ex.replies:
+            if reply.has_error():
+                raise RoundFailed(f"federated init ({kind}): partition {pid_of[nid]} answered {reply.error.reason.strip().splitlines()[-1:]}")
+            out[pid_of[nid]] = comm.decode(codec.payload_from_record(reply.content.array_records[UPDATE_RECORD]))[0]
+        if ex.unanswered:
+            raise RoundFailed(f"federated init ({kind}): no reply from partitions {sorted(pid_of[n] for n in ex.unanswered)}")
+        return out
 
     def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
         self._advance_base(download, round_index + 1)
@@ -533,5 +560,7 @@ def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     resume = settings.resume and (out_dir / "checkpoint" / "meta.json").exists()
     base_eval = json.loads(Path(settings.base_eval).read_text()) if settings.base_eval else None
+    if not resume:
+        (out_dir / "flower_events.jsonl").unlink(missing_ok=True)
     transport = FlowerTransport(grid, context, settings, config, out_dir)
     return Experiment(config, out_dir, base_eval=base_eval).run(transport, resume=resume)

@@ -275,6 +275,36 @@ def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str, *, fre
     return fed
 
 
+# --- federated init: the node's side of the sketch protocol ----------------------------------
+
+SIGNS_KIND = "init-signs"
+
+
+def init_federation(cache: NodeCache, config_sha: str) -> Federation:
+    """The node's Federation before any init (adapters as built: what the server's model is
+    when the protocol starts), from the cached config."""
+    text = cache.get("config", config_sha)
+    if text is None:
+        raise MissingSetup(f"config {config_sha[:12]} is not in the node cache")
+    return build_federation(config_from_text(text.decode()))
+
+
+def init_signs(fed: Federation, cache: NodeCache, config_sha: str, partition_id: int) -> dict[str, Tensor]:
+    """sign(G_i) of this partition, computed once (the gradient pass) and kept in the node cache
+    for the protocol's later exchanges (a ClientApp process lives for one message)."""
+    from safetensors.torch import load, save
+
+    from fedsb.federated.federated_init import client_signs
+
+    name = sha256(f"fedsb-init-signs\n{config_sha}\n{partition_id}")
+    data = cache.get_named(SIGNS_KIND, name)
+    if data is not None:
+        return dict(load(data))
+    signs = client_signs(fed, partition_id)
+    cache.put_named(SIGNS_KIND, name, save(signs))
+    return signs
+
+
 # --- FedEx / FLoRA: the folded base weights ---------------------------------------------------
 
 BASE_KIND = "base"
