@@ -132,7 +132,12 @@ def build_federation(config: ExperimentConfig) -> Federation:
     if cfg.privacy.enabled or cfg.privacy.user_level:  # per-client noise calibrated for the whole run
         from fedsb.privacy.state import PrivacyState
 
-        fed.privacy = PrivacyState.build(fed)
+        fed.privacy = PrivacyState.build(
+            cfg,
+            examples={c.client_id: c.num_examples for c in clients},
+            total_steps={c.client_id: fed.total_steps(c.client_id) for c in clients},
+            strategy=strategy,
+        )
     return fed
 
 
@@ -191,7 +196,15 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
         init_random(layers, seed=cfg.seed)
     elif private_init:
         with progress_bar("init: private gradient pass", total=cfg.init.num_samples) as advance:
-            info.update(private_init_central(fed, progress=advance))
+            ledgers = fed.privacy.clients if fed.privacy is not None else {}
+            info.update(
+                private_init_central(
+                    cfg, fed.model, fed.clients, pad_id=fed.tokenizer.pad_token_id, classification=fed.classification,
+                    lr_eff=fed.init_lr_eff(), ledgers=ledgers, progress=advance,
+                )
+            )  # fmt: skip
+            if fed.privacy is not None:
+                fed.privacy.init = {k: v for k, v in info.items() if k != "method"}
     elif cfg.init.method == "central":
         batches = init_batches(fed)
         with progress_bar("init: gradient pass", total=len(batches)) as advance:

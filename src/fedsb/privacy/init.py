@@ -83,26 +83,36 @@ def _flat_norm(grads: dict[str, Tensor]) -> float:
     return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
 
 
-def private_init_central(fed: Any, *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Gradient-SVD init from clipped, locally noised per-example gradients; records its cost."""
-    cfg = fed.config
+def private_init_central(
+    cfg: Any,
+    model: Any,
+    clients: list[Any],
+    *,
+    pad_id: int,
+    classification: bool,
+    lr_eff: float,
+    ledgers: dict[int, Any],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Gradient-SVD init from clipped, locally noised per-example gradients; records its cost
+    (one Gaussian mechanism) on every client's ledger in `ledgers`."""
     p = cfg.privacy
     sigma, clip = float(p.init_noise_multiplier), float(p.max_grad_norm)
-    layers = adapter_layers(fed.model)
-    total_n = sum(c.num_examples for c in fed.clients)
+    layers = adapter_layers(model)
+    total_n = sum(c.num_examples for c in clients)
     q = init_sample_rate(cfg, total_n)
     start = time.perf_counter()
     sample_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
     noise_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 23)
-    pad = fed.tokenizer.pad_token_id
+    pad = pad_id
     total: dict[str, Tensor] = {}
     used, clipped = 0, 0
-    for client in fed.clients:
+    for client in clients:
         chosen = (torch.rand(client.num_examples, generator=sample_g) < q).nonzero().flatten().tolist()
         local: dict[str, Tensor] = {}
         for i in chosen:
-            batch = collate([client.items[i]], pad, fed.classification)
-            grads = estimate_gradients(fed.model, layers, [batch], precision="fp32")
+            batch = collate([client.items[i]], pad, classification)
+            grads = estimate_gradients(model, layers, [batch], precision="fp32")
             norm = _flat_norm(grads)
             scale = min(1.0, clip / (norm + 1e-12))
             clipped += norm > clip
@@ -116,11 +126,10 @@ def private_init_central(fed: Any, *, progress: Callable[[int], None] | None = N
             noisy = local.get(name, torch.zeros(w.shape, dtype=torch.float32))
             noisy = noisy + torch.randn(w.shape, generator=noise_g) * (sigma * clip)
             total[name] = total[name].add_(noisy) if name in total else noisy
-        if fed.privacy is not None and client.client_id in fed.privacy.clients:
-            fed.privacy.clients[client.client_id].record(sigma, q, 1)
+        if client.client_id in ledgers:
+            ledgers[client.client_id].record(sigma, q, 1)
     expected = max(1.0, q * total_n)
     grads = {name: g / expected for name, g in total.items()}
-    lr_eff = fed.init_lr_eff()
     init_from_gradients(layers, grads, lr_eff=lr_eff, oversample=cfg.init.oversample, power_iters=cfg.init.power_iters, seed=cfg.seed)
     info = {
         "private": True,
@@ -132,6 +141,4 @@ def private_init_central(fed: Any, *, progress: Callable[[int], None] | None = N
         "lr_eff": lr_eff,
         "seconds": time.perf_counter() - start,
     }
-    if fed.privacy is not None:
-        fed.privacy.init = info
     return info

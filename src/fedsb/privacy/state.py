@@ -22,21 +22,21 @@ class PrivacyState:
     init: dict[str, Any] = field(default_factory=dict)  # what the private init did, if any
 
     @classmethod
-    def build(cls, fed: Any) -> "PrivacyState":
-        cfg = fed.config
+    def build(cls, cfg: Any, *, examples: dict[int, int], total_steps: dict[int, int], strategy: Any = None) -> "PrivacyState":
+        """examples / total_steps: per client id, its example count and its optimizer steps over
+        the run; strategy: the (possibly `UserLevelDP`-wrapped) strategy, owner of the user ledger."""
         p, t = cfg.privacy, cfg.train
-        state = cls(user=fed.strategy.ledger if isinstance(fed.strategy, UserLevelDP) else None)
+        state = cls(user=strategy.ledger if isinstance(strategy, UserLevelDP) else None)
         if not p.enabled:
             return state
         logical_batch = t.batch_size * t.grad_accum
-        prior = planned_init_entries(cfg, sum(c.num_examples for c in fed.clients))
-        for client in fed.clients:
-            n = client.num_examples
+        prior = planned_init_entries(cfg, sum(examples.values()))
+        for cid, n in examples.items():
             delta = p.delta if p.delta is not None else default_delta(n)
             q = poisson_sample_rate(n, logical_batch)
-            steps = fed.total_steps(client.client_id)
+            steps = total_steps[cid]
             sigma = calibrate_noise(target_epsilon=p.target_epsilon, delta=delta, sample_rate=q, steps=steps, prior=prior)
-            state.clients[client.client_id] = Ledger(delta=delta, noise_multiplier=sigma, sample_rate=q, planned_steps=steps)
+            state.clients[cid] = Ledger(delta=delta, noise_multiplier=sigma, sample_rate=q, planned_steps=steps)
         return state
 
     # --- reporting -----------------------------------------------------------------------
