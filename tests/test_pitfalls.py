@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fedsb.federated.server as server
+import fedsb.federated.client as client_path
 from fedsb.adapter.inject import adapter_layers, inject_adapters, mark_trainable, trainable_state
 from fedsb.data import IGNORE_INDEX, tokenize_example
 from fedsb.federated.server import build_federation, run_experiment
@@ -21,13 +21,13 @@ from tests.test_federation import make_config
 def record_training(monkeypatch):
     """Record, for every local training call, the starting trainable state and learning rates."""
     calls = []
-    real = server.train_steps
+    real = client_path.train_steps
 
     def spy(model, batches, optimizer, **kw):
         calls.append({"state": trainable_state(model), "first_lr": kw["lr_for_step"](kw["first_step"]), "first_step": kw["first_step"]})
         return real(model, batches, optimizer, **kw)
 
-    monkeypatch.setattr(server, "train_steps", spy)
+    monkeypatch.setattr(client_path, "train_steps", spy)
     return calls
 
 

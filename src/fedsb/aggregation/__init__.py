@@ -2,6 +2,6 @@
 
 from fedsb.aggregation import fedex, fedit, fedsb, ffa, flora  # noqa: F401  (registration)
 from fedsb.aggregation.base import Strategy, weighted_mean, weighted_sum_into
-from fedsb.aggregation.registry import get_strategy, register_strategy, strategy_names
+from fedsb.aggregation.registry import get_strategy, register_strategy, strategy_names, table_order
 
-__all__ = ["Strategy", "get_strategy", "register_strategy", "strategy_names", "weighted_mean", "weighted_sum_into"]
+__all__ = ["Strategy", "get_strategy", "register_strategy", "strategy_names", "table_order", "weighted_mean", "weighted_sum_into"]

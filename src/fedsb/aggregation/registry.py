@@ -29,7 +29,13 @@ def get_strategy(name: str) -> type["Strategy"]:
 
 
 def strategy_names() -> list[str]:
-    """Every registered strategy, in table order (Fed-SB first, then the baselines)."""
+    import fedsb.aggregation  # noqa: F401
+
+    return sorted(_STRATEGIES)
+
+
+def table_order() -> list[str]:
+    """Every registered strategy in the order tables list them (Fed-SB first, then the baselines)."""
     import fedsb.aggregation  # noqa: F401
 
     return sorted(_STRATEGIES, key=lambda n: (_STRATEGIES[n].table_order, n))

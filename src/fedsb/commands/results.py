@@ -17,9 +17,9 @@ from rich.console import Console
 from fedsb.adapter.export import atomic_write_bytes, atomic_write_json
 from fedsb.report import human_bytes
 
-from fedsb.aggregation import get_strategy, strategy_names
+from fedsb.aggregation import get_strategy, table_order
 
-ALL_STRATEGIES = strategy_names()  # every registered strategy, in table order
+ALL_STRATEGIES = table_order()  # every registered strategy, Fed-SB first
 
 
 def _cell(ev: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from fedsb.aggregation import Strategy, get_strategy, strategy_names
+from fedsb.aggregation import Strategy, get_strategy, table_order
 from fedsb.aggregation.base import lora_names
 from fedsb.federated.comm import WIRE_DTYPES, encoded_size
 from fedsb.federated.shapes import ModelShape
@@ -26,7 +26,7 @@ Direction = Literal["up", "down"]
 Init = Literal["central", "federated", "random"]
 Module = tuple[str, int, int]  # (name, d_out, d_in)
 
-METHODS: tuple[str, ...] = tuple(strategy_names())  # every registered strategy, in table order
+METHODS: tuple[str, ...] = tuple(table_order())  # every registered strategy, in table order
 INITS: tuple[str, ...] = ("central", "federated", "random")
 BASELINE_RANK = 32
 

@@ -485,6 +485,10 @@ class FlowerTransport:
         fed = self.fed = run.fed
         self.ledger = run.ledger
         if meta is not None:
+            # the nodes cache the config by hash: a resumed deployment must run the same one
+            # (in process, `fedsb run --resume --set federation.rounds=...` may extend a run)
+            if meta.get("config_sha256") not in (None, self.config_sha):
+                raise ConfigError(f"{self.out_dir}: the checkpoint was written with another config; refusing to resume")
             self.resending = True  # every node got B, A in the interrupted run
             if "rng" in meta:
                 _restore_rng(meta["rng"])
