@@ -460,3 +460,27 @@ def test_engine_runs_every_strategy_and_refuses_the_rest_with_a_reason():
     for reason, (raw, settings) in refused.items():
         with pytest.raises(ConfigError, match=reason):
             check_supported(config_from_dict(json.loads(json.dumps(raw))), settings)
+
+
+def test_node_keeps_client_state_by_round(tmp_path):
+    """What a node keeps between rounds (optimizer state, DP accountant) is keyed by round, so a
+    round replayed after a server restart starts from the state before it, not after it."""
+    import torch
+
+    from fedsb.federated.client import ClientState
+    from fedsb.flower import task
+
+    cache = task.NodeCache(tmp_path)
+    sha = task.sha256("config")
+
+    def state(r: int) -> ClientState:
+        return ClientState(optimizer={"state": {0: {"step": torch.tensor(float(r))}}, "param_groups": [{"lr": 0.1, "params": [0]}]}, privacy_history=[[1.0, 0.5, r + 1]])
+
+    assert task.load_client_state(cache, sha, 0, 0) == ClientState()
+    for r in range(3):
+        task.save_client_state(cache, sha, 0, r, state(r))
+    got = task.load_client_state(cache, sha, 0, 3)
+    assert got.privacy_history == [[1.0, 0.5, 3]] and float(got.optimizer["state"][0]["step"]) == 2.0
+    task.save_client_state(cache, sha, 0, 2, state(2))  # round 2 replayed: same state again
+    assert task.load_client_state(cache, sha, 0, 2).privacy_history == [[1.0, 0.5, 2]]  # the state after round 1
+    assert task.load_client_state(cache, sha, 1, 3) == ClientState()  # another partition has its own
