@@ -13,7 +13,6 @@ so the initial R0 (or A, B of a baseline) travels in the first round's download.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 

@@ -64,7 +64,12 @@ class RoundExchange:
 
 
 class Transport(Protocol):
-    """Moves one round's download to the sampled clients and their updates back."""
+    """Moves one round's download to the sampled clients and their updates back.
+
+    Optional: `init_exchange(kind, broadcast)` runs one exchange of the federated init's sketch
+    protocol on the clients (`federated_init.InitExchange`); without it the clients' side of the
+    protocol runs in process.
+    """
 
     engine: str  # "in-process" or "deployment": recorded in the checkpoint and the summary
     per_client: bool  # False when the server only ever sees an aggregate (SecAgg+): no exactness meter
