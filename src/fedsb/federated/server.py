@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
+from fedsb.adapter.export import atomic_write_bytes, save_adapter
 from fedsb.adapter.inject import adapter_layers, adapter_state, inject_adapters, mark_trainable, trainable_state
 from fedsb.aggregation import Strategy, get_strategy
 from fedsb.config import ExperimentConfig, dump_config
@@ -34,6 +34,7 @@ from fedsb.init.svd import effective_lr
 from fedsb.models import load_model
 from fedsb.precision import resolve_precision
 from fedsb.progress import progress_bar
+from fedsb.rundir import publish_result
 from fedsb.tasks import get_task
 from fedsb.tasks.base import PairExample
 from fedsb.training import lr_at, make_optimizer, train_steps, warmup_steps_for
@@ -374,12 +375,19 @@ def _write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, base_eval: dict[str, Any] | None = None
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    base_eval: dict[str, Any] | None = None,
+    config_changes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federation and write its results folder; returns the summary.
 
     base_eval: the base model's evaluation from a run with the same model, seed and evaluation
     settings (another strategy of the same experiment), reused instead of evaluated again.
+    config_changes: what a resumed run changed (`fedsb.rundir.resume_changes`), recorded in the
+    first resumed round's metrics.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -409,6 +417,8 @@ def run_experiment(
         download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
     for r in range(start_round, config.federation.rounds):
         metrics, download = run_round(fed, r, download, ledger, meter)
+        if config_changes and r == start_round:
+            metrics["config_changes"] = config_changes
         if fed.privacy is not None:
             metrics.update(fed.privacy.round_metrics(fed.strategy))
         last = r == config.federation.rounds - 1
@@ -435,13 +445,13 @@ def run_experiment(
                 "privacy": fed.privacy.to_dict() if fed.privacy is not None else None,
             },
         )
-    save_adapter(fed.model, out_dir / "adapter", fed.head_modules, base_model=config.model.name)
     summary = summarize(config, rows, ledger, init_info, before, time.perf_counter() - wall)
     if fed.privacy is not None:
         summary["privacy"] = fed.privacy.summary()
         summary["epsilon"] = summary["privacy"].get("epsilon")
         summary["user_epsilon"] = summary["privacy"].get("user_epsilon")
-    atomic_write_json(out_dir / "summary.json", summary)
+    # summary.json and adapter/ replace the old pair together, only now (see fedsb.rundir)
+    publish_result(out_dir, summary, lambda d: save_adapter(fed.model, d, fed.head_modules, base_model=config.model.name))
     return summary
 
 
