@@ -217,7 +217,7 @@ def test_6_data_files_name_file_and_line(tmp_path):
         load_records(bad_list, ("q",))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(DataFormatError, match=r"empty.jsonl: no records"):
+    with pytest.raises(DataFormatError, match=r"empty.jsonl: empty file"):
         load_records(empty, ("q",))
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"q": "a"}\n{"q": \n')

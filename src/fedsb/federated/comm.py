@@ -59,7 +59,7 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 _MAX_DEPTH = 8
 _MAX_INT_DIGITS = 20  # a dimension or an offset fits in 64 bits; a 10^6-digit "number" does not
 _MAX_NAME = 1024  # characters in one tensor name
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # unrolled: linear, no per-char alternation
 _BRACKET = re.compile(r"[\[\]{}]")
 
 
@@ -252,10 +252,19 @@ def _parse_header_unchecked(data: bytes, max_header: int) -> tuple[dict[str, Any
     return header, metadata
 
 
+def header_limit(shapes: Mapping[str, tuple[int, ...]], dtype: str = "fp32") -> int:
+    """A generous bound on the header of an upload of these tensors (4x the honest header plus
+    64 kB for metadata): parse time stays proportional to what an honest client sends."""
+    st_dtype = _ST_NAME[_wire_dtype(dtype)]
+    honest = len(_header_json([(n, st_dtype, tuple(int(d) for d in s)) for n, s in shapes.items()], None))
+    return 4 * honest + 65_536
+
+
 def decode(
     data: bytes,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     max_bytes: int | None = None,
+    max_header: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Validate and parse a payload; return fp32 tensors and the metadata.
 
@@ -264,7 +273,7 @@ def decode(
     never raises anything but `PayloadError` on bad bytes.
     """
     try:
-        return _decode_unchecked(data, expected, max_bytes)
+        return _decode_unchecked(data, expected, max_bytes, max_header or _MAX_HEADER)
     except PayloadError:
         raise
     except Exception as e:  # a parser bug or exhaustion is still only a rejected payload
@@ -272,11 +281,11 @@ def decode(
 
 
 def _decode_unchecked(
-    data: bytes, expected: Mapping[str, tuple[int, ...]] | None, max_bytes: int | None
+    data: bytes, expected: Mapping[str, tuple[int, ...]] | None, max_bytes: int | None, max_header: int
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-    header, metadata = _parse_header(data)
+    header, metadata = _parse_header(data, max_header)
     if expected is not None:
         missing = sorted(set(expected) - set(header))
         extra = sorted(set(header) - set(expected))

@@ -84,8 +84,8 @@ def check_norm(
         )
 
 
-def _check_dtypes(payload: bytes, expected_dtype: str) -> None:
-    header, _ = comm._parse_header(payload)  # noqa: SLF001  (header-only parse, no data touched)
+def _check_dtypes(payload: bytes, expected_dtype: str, max_header: int) -> None:
+    header, _ = comm._parse_header(payload, max_header)  # noqa: SLF001  (header-only parse, no data touched)
     want = _ST_OF_WIRE.get(expected_dtype, expected_dtype)
     for name, info in header.items():
         if info["dtype"] != want:
@@ -140,9 +140,10 @@ def _validate(
     payload = bytes(payload)
     if max_bytes is not None and len(payload) > max_bytes:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
+    max_header = comm.header_limit(expected_shapes)  # parse time bounded by what an honest client sends
     if expected_dtype is not None:
-        _check_dtypes(payload, expected_dtype)
-    tensors, _ = comm.decode(payload, expected=expected_shapes, max_bytes=max_bytes)
+        _check_dtypes(payload, expected_dtype, max_header)
+    tensors, _ = comm.decode(payload, expected=expected_shapes, max_bytes=max_bytes, max_header=max_header)
     norm = update_norm(tensors, base)
     check_norm(norm, reference_norms, outlier_factor=outlier_factor)
     if norm_bound is not None and norm_bound > 0:

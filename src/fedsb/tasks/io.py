@@ -36,7 +36,9 @@ class DataFormatError(FedsbError, ValueError):
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line of a JSON Lines file."""
+    """(line number, parsed object) for each non-blank line of a JSON Lines file; an empty file
+    is an error naming it (else it surfaces later as "0 training examples", with no file)."""
+    found = False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -48,11 +50,15 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
             except RecursionError:
                 raise DataFormatError(path, lineno, "invalid JSON (nested too deeply)") from None
+            found = True
+            yield lineno, obj
+    if not found:
+        raise DataFormatError(path, None, "empty file: no JSON lines")
 
 
 def iter_json_list(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
@@ -126,8 +132,6 @@ def load_records(
     out: list[Any] = []
     for lineno, rec in iter_records(path):
         out.append(check_record(rec, required, convert, path, lineno))
-    if not out:
-        raise DataFormatError(path, None, "no records (the file is empty)")
     return out
 
 
