@@ -101,6 +101,23 @@ def test_3_second_run_on_a_locked_folder_stops_with_the_holder_named(tmp_path):
     assert "being written by another fedsb run" in line and f"pid {os.getpid()}" in line
 
 
+def test_3_a_run_in_another_process_blocks_this_one(tmp_path):
+    cfg = write_config(tmp_path)
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom fedsb.rundir import open_run\nwith open_run(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "src"), os.environ.get("PYTHONPATH", "")])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_line_error(runner.invoke(app, ["run", str(cfg), "--out", str(out)]))
+        assert f"pid {holder.pid}" in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_3_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     from fedsb.rundir import RunLock
 

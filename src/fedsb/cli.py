@@ -5,7 +5,6 @@ An expected error prints as one plain line; add --debug (anywhere) or set FEDSB_
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from fedsb.commands.comm import comm
 from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
 from fedsb.commands.results import results
-from fedsb.errors import DEBUG_ENV, FedsbError, debug_enabled
+from fedsb.errors import FedsbError, debug_enabled
 
 
 class FedsbGroup(TyperGroup):
@@ -122,8 +121,6 @@ app.command("privacy-table")(privacy_table)
 def main() -> None:  # pragma: no cover
     app()
 
-
-__all__ = ["app", "main", "DEBUG_ENV"]
 
 
 if __name__ == "__main__":  # pragma: no cover
