@@ -66,6 +66,11 @@ def test_2_existing_results_folder_is_refused_without_resume_or_overwrite(tmp_pa
     line = one_line_error(runner.invoke(app, ["run", str(cfg), "--out", str(out), "--set", "train.lr=1e-3"]))
     assert "already holds results" in line and "--resume" in line and "--overwrite" in line
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+    other = tmp_path / "not-results"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    line = one_line_error(runner.invoke(app, ["run", str(cfg), "--out", str(other), "--overwrite"]))
+    assert "not a fedsb results folder" in line and (other / "thesis.tex").read_text() == "keep me"
 
 
 def test_2_overwrite_never_mixes_old_results_with_an_interrupted_new_run(tmp_path, monkeypatch):

@@ -301,6 +301,8 @@ def open_run(folder: str | os.PathLike[str], *, resume: bool = False, overwrite:
                     f"{folder} already holds results ({shown}); pass --resume to continue that run, "
                     f"--overwrite to replace it, or choose another --out"
                 )
+            if not (folder / "config.toml").is_file():  # --out ~ --overwrite must not empty a home folder
+                raise RunDirError(f"{folder} holds files but is not a fedsb results folder (no config.toml); refusing to delete them")
             _clear(folder)
             fresh = True
         yield folder
