@@ -65,6 +65,9 @@ def test_wrong_model_is_rejected(tmp_path):
 
 def test_corrupted_and_missing_files(tmp_path):
     save_adapter(trained_llama(), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["weights_sha256"]  # as saved before checksums: the structural checks still hold
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     weights = tmp_path / "adapter.safetensors"
     tensors = load_file(weights)
     key = next(k for k in tensors if k.endswith(".R"))

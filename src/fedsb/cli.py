@@ -1,21 +1,57 @@
-"""`fedsb`: the command line. Each command's implementation lives in `fedsb.commands.<name>`."""
+"""`fedsb`: the command line. Each command's implementation lives in `fedsb.commands.<name>`.
+
+An expected error prints as one plain line; add --debug (anywhere) or set FEDSB_DEBUG=1 for the traceback.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from fedsb.commands.bench import bench
 from fedsb.commands.comm import comm
 from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
 from fedsb.commands.results import results
+from fedsb.errors import FedsbError, debug_enabled
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+
+class FedsbGroup(TyperGroup):
+    """Every command's expected errors (`FedsbError`) become one plain line and an exit code.
+
+    Plain: the message is never parsed as rich markup, so "in [train]" keeps its brackets and a
+    value holding "[/x]" cannot crash the printer. `--debug` anywhere on the line, or
+    FEDSB_DEBUG=1, re-raises instead, with the full traceback.
+    """
+
+    debug = False
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        FedsbGroup.debug = "--debug" in args or debug_enabled()
+        args = [a for a in args if a != "--debug"]
+        return super().main(args, *rest, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FedsbError as e:
+            if FedsbGroup.debug or debug_enabled():
+                raise
+            message = " ".join(str(e).split("\n")) or type(e).__name__
+            click.echo(click.style("error:", fg="red", bold=True) + f" {message}", err=True)
+            raise click.exceptions.Exit(e.exit_code) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=FedsbGroup, pretty_exceptions_show_locals=False)
+console = Console(stderr=True, highlight=False)
 
 
 @app.command()
@@ -24,28 +60,44 @@ def run(
     out: Annotated[Path | None, typer.Option(help="results folder (default results/<config name>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.lr=1e-3")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this results folder")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace the results already in --out (deleted before the run starts)")] = False,
 ) -> None:
-    """Run a federated (or centralized: federation.num_clients = 1) experiment from a TOML config."""
-    from fedsb.config import ConfigError, load_config
+    """Run a federated (or centralized: federation.num_clients = 1) experiment from a TOML config.
+
+    A folder that already holds results is refused unless --resume or --overwrite is given; a
+    resumed run refuses any config change except a few safe ones (more rounds, evaluation settings).
+    """
+    from fedsb.config import dump_config, load_config
+    from fedsb.federated.checkpoint import checkpoint_round
     from fedsb.federated.server import run_experiment
     from fedsb.report import print_summary
+    from fedsb.rundir import RunDirError, open_run, record_changes, resume_changes
 
-    try:
-        if resume is not None:
-            cfg = load_config(resume / "config.toml", set_ or [])
-            summary = run_experiment(cfg, resume, resume=True)
-            out = resume
-        else:
-            if config is None:
-                raise typer.BadParameter("give a CONFIG file or --resume DIR")
-            cfg = load_config(config, set_ or [])
-            out = out or Path("results") / config.stem
-            summary = run_experiment(cfg, out)
-    except ConfigError as e:
-        console.print(f"[red]config error:[/red] {e}")
-        raise typer.Exit(2) from None
+    changes: dict[str, Any] = {}
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise typer.BadParameter("--out and --resume name different folders; give only --resume DIR")
+        if overwrite:
+            raise typer.BadParameter("--overwrite and --resume exclude each other")
+        out = resume
+        stored_path = resume / "config.toml"
+        if not stored_path.is_file():
+            raise RunDirError(f"{resume}: not a results folder (no config.toml); nothing to resume")
+        stored = load_config(stored_path)
+        cfg = load_config(config or stored_path, set_ or [])
+        changes = resume_changes(stored, cfg)
+    else:
+        if config is None:
+            raise typer.BadParameter("give a CONFIG file or --resume DIR")
+        cfg = load_config(config, set_ or [])
+        out = out or Path("results") / config.stem
+    with open_run(out, resume=resume is not None, overwrite=overwrite):
+        if changes:
+            done = checkpoint_round(out)
+            record_changes(out, dump_config(cfg), changes, None if done is None else done + 1)
+        summary = run_experiment(cfg, out, resume=resume is not None, config_changes=changes or None)
     print_summary([summary], console=Console())
-    console.print(f"results in {out}")
+    console.print(f"results in {out}", markup=False)
 
 
 @app.command()
@@ -68,6 +120,7 @@ app.command("privacy-table")(privacy_table)
 
 def main() -> None:  # pragma: no cover
     app()
+
 
 
 if __name__ == "__main__":  # pragma: no cover

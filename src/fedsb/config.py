@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from fedsb.errors import FedsbError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedsbError, ValueError):
     """A bad configuration key or value; the message names the key and what is allowed."""
+
+    exit_code = 2
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -211,10 +217,29 @@ class ExperimentConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        p = self.privacy
+        if p.user_level and p.user_delta is not None:
+            check_delta("privacy.user_delta", p.user_delta, self.federation.num_clients, "clients (user-level DP protects one client)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(dataclasses.asdict(self))
+
+
+def check_delta(key: str, delta: float, n: int, what: str) -> None:
+    """delta < 1/n: at delta >= 1/n a mechanism that publishes one of n records (or clients)
+    in the clear satisfies (0, delta)-DP, so the guarantee says nothing."""
+    if n > 0 and delta >= 1.0 / n:
+        raise ConfigError(
+            f"{key} = {delta!r}: must be below 1/n = {1.0 / n:.3g} with n = {n} {what}; at delta >= 1/n "
+            f"releasing one record in the clear meets the guarantee (default: 1/(10 n))"
+        )
+
+
+def check_sample_delta(privacy: "PrivacyConfig", client_sizes: list[int]) -> None:
+    """Sample-level DP: `privacy.delta` against the smallest client, known once data is loaded."""
+    if privacy.enabled and privacy.delta is not None and client_sizes:
+        check_delta("privacy.delta", privacy.delta, min(client_sizes), "examples in the smallest client")
 
 
 def _drop_none(obj: Any) -> Any:
@@ -224,21 +249,73 @@ def _drop_none(obj: Any) -> Any:
     return obj
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"a list of {_describe(item).removeprefix('a ').removeprefix('an ')}s" if item is not Any else "a list"
+    if origin is dict or hint is dict:
+        return "a table"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(matches, value): `value` checked against `hint`, an int accepted (and converted) for a float."""
+    if hint is Any:
+        return True, value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None:
+            return type(None) in args, value
+        for arg in args:  # bool before int before float: the first exact match wins
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(hint) or (Any,)
+        out = []
+        for v in value:
+            ok, v = _coerce(v, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, float(value)
+        return isinstance(value, float), value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is type(None):
+        return value is None, value
+    return True, value
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
-    text = str(hint)
-    if value is None:
-        return value
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} = {value!r}: expected true or false")
-    if ("float" in text) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"{key} = {value!r}: expected an integer")
-    if hint is float and not isinstance(value, float):
-        raise ConfigError(f"{key} = {value!r}: expected a number")
-    if hint is str and not isinstance(value, str):
-        raise ConfigError(f"{key} = {value!r}: expected a string")
-    return value
+    """`value` for `key`, converted if needed; a ConfigError naming the key if its type is wrong.
+
+    Covers optional (`float | None`), union (`list[str] | str`) and list fields, so that
+    `privacy.delta = "abc"` or `adapter.targets = 5` fail here rather than deep inside a run.
+    """
+    ok, out = _coerce(value, hint)
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {_describe(hint)}")
+    return out
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -7,19 +7,23 @@ loads peft LoRA adapters serves a Fed-SB model without fedsb installed. Nothing 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedsb.adapter.inject import adapter_layers, adapter_state, head_parameters, inject_adapters, load_state
 from fedsb.adapter.layer import LoraLinear, LoraSBLinear
+from fedsb.errors import FedsbError
+
+# The results folder's atomic writers live in fedsb.rundir; re-exported for existing callers.
+from fedsb.rundir import atomic_save_tensors, atomic_write_bytes, atomic_write_json  # noqa: F401
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -27,38 +31,8 @@ FORMAT = "fedsb-adapter"
 FORMAT_VERSION = 1
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(FedsbError, ValueError):
     """An adapter folder that is missing, corrupted, or made for another model."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_config(model: nn.Module, head_modules: list[str] | None = None, base_model: str | None = None) -> dict[str, Any]:
@@ -83,11 +57,51 @@ def adapter_config(model: nn.Module, head_modules: list[str] | None = None, base
     }
 
 
+def _frozen_reference(model: nn.Module, head_modules: list[str]) -> tuple[str, torch.Tensor] | None:
+    """One frozen weight that identifies the base model: the input embedding when there is one
+    (never adapted, never folded into by FedEx/FLoRA), else the first non-adapter, non-head weight."""
+    params = dict(model.named_parameters())
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is not None and getattr(embedding, "weight", None) is not None:
+        for name, p in params.items():
+            if p is embedding.weight:
+                return name, p
+    skip = tuple(f"{n}." for n in adapter_layers(model)) + tuple(f"{h}." for h in head_modules)
+    for name, p in params.items():
+        if not name.startswith(skip) and not any(f".{h}." in f".{name}" for h in head_modules):
+            return name, p
+    return None
+
+
+def base_identity(model: nn.Module, head_modules: list[str] | None = None) -> dict[str, Any]:
+    """What the base model is: class, architecture, sizes, and a hash of one frozen weight."""
+    config = getattr(model, "config", None)
+    ident: dict[str, Any] = {"class": type(model).__name__}
+    for key in ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        value = getattr(config, key, None) if config is not None else None
+        if value is not None:
+            ident[key] = list(value) if isinstance(value, (list, tuple)) else value
+    ref = _frozen_reference(model, list(head_modules or []))
+    if ref is not None:
+        name, weight = ref
+        data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        ident["frozen_weight"] = name
+        ident["frozen_sha256"] = hashlib.sha256(data).hexdigest()
+    return ident
+
+
 def save_adapter(model: nn.Module, directory: str | Path, head_modules: list[str] | None = None, base_model: str | None = None) -> Path:
+    """Write the adapter; its config carries the weights' sha256 and the base model's identity
+    so that `load_adapter` refuses flipped bytes and a different base model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, head_modules, base_model)
-    atomic_save_tensors(directory / WEIGHTS_NAME, adapter_state(model, head_modules), {"format": FORMAT})
+    tensors = {k: v.detach().contiguous() for k, v in adapter_state(model, head_modules).items()}
+    blob = safetensors.torch.save(tensors, metadata={"format": FORMAT})
+    config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    config["base_identity"] = base_identity(model, head_modules)
+    atomic_write_bytes(directory / WEIGHTS_NAME, blob)
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 
@@ -97,31 +111,61 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise AdapterFileError(f"{path}: not found (expected an adapter folder written by save_adapter)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    if config.get("format") != FORMAT:
-        raise AdapterFileError(f"{path}: expected format {FORMAT!r}, found {config.get('format')!r}")
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{path}: not UTF-8 text (corrupted?)") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise AdapterFileError(f"{path}: expected format {FORMAT!r}, found {config.get('format') if isinstance(config, dict) else config!r}")
     for key in ("kind", "rank", "alpha", "targets", "module_shapes"):
         if key not in config:
             raise AdapterFileError(f"{path}: missing key {key!r}")
     return config
 
 
-def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(directory: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; with `expected_sha256`, a file whose bytes changed is refused."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.exists():
         raise AdapterFileError(f"{path}: not found")
+    blob = path.read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(blob).hexdigest() != expected_sha256:
+        raise AdapterFileError(
+            f"{path}: checksum mismatch (sha256 differs from the one in {CONFIG_NAME}); the file is corrupted "
+            f"or was changed after saving"
+        )
     try:
-        return load_file(path)
+        return safetensors.torch.load(blob)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Inject the saved adapter into `model` (the same base model) and load its tensors."""
+def check_base_identity(model: nn.Module, config: dict[str, Any], directory: str | Path, *, force: bool = False) -> None:
+    """Refuse (or with `force`, warn about) a base model other than the one the adapter was saved on."""
+    saved = config.get("base_identity")
+    if not saved:
+        return  # saved before identities were recorded
+    here = base_identity(model, config.get("head_modules", []))
+    diffs = [f"{k}: saved {saved[k]!r}, this model {here.get(k)!r}" for k in saved if k != "frozen_weight" and saved[k] != here.get(k)]
+    if not diffs:
+        return
+    what = f"the adapter in {directory} was saved on another base model ({config.get('base_model') or saved.get('class')}): " + "; ".join(
+        d if not d.startswith("frozen_sha256") else f"weight {saved.get('frozen_weight')} differs" for d in diffs[:3]
+    )
+    if not force:
+        raise AdapterFileError(what + ". Load it onto that base model, or pass force=True to load it anyway")
+    warnings.warn(what + " (loaded anyway: force=True)", stacklevel=3)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, force: bool = False) -> nn.Module:
+    """Inject the saved adapter into `model` (the same base model) and load its tensors.
+
+    Flipped bytes in the weights are always refused; a different base model (architecture,
+    sizes, or the hash of a frozen weight) is refused unless `force`.
+    """
     config = read_adapter_config(directory)
-    tensors = read_adapter_tensors(directory)
+    tensors = read_adapter_tensors(directory, config.get("weights_sha256"))
     modules = dict(model.named_modules())
     for name, (d_out, d_in) in config["module_shapes"].items():
         module = modules.get(name)
@@ -133,6 +177,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         shape = tuple(getattr(module, "weight").shape)
         if shape != (d_out, d_in):
             raise AdapterFileError(f"{directory}: module {name!r} expected weight shape {(d_out, d_in)}, model has {shape}")
+    check_base_identity(model, config, directory, force=force)
     inject_adapters(
         model,
         config["targets"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import Tensor
+
+from fedsb.errors import FedsbError
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -51,10 +54,23 @@ _ST_ORDER: tuple[str, ...] = (
 _FLOAT_ST = frozenset({"F64", "F32", "BF16", "F16"})
 _HEADER_ALIGN = 8
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+# A safetensors header is {name: {"dtype", "shape": [...], "data_offsets": [...]}}: depth 3.
+# Anything much deeper is hostile (5,000 nested '[' overflow json's recursion).
+_MAX_DEPTH = 8
+_MAX_INT_DIGITS = 20  # a dimension or an offset fits in 64 bits; a 10^6-digit "number" does not
+_MAX_NAME = 1024  # characters in one tensor name
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # unrolled: linear, no per-char alternation
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
-class PayloadError(ValueError):
+class PayloadError(FedsbError, ValueError):
     """A received payload is rejected; the message says precisely why."""
+
+
+def _short(items: list[str], keep: int = 5) -> str:
+    """A list for an error message: a hostile payload may name 100,000 tensors."""
+    head = ", ".join(repr(x[:80]) for x in items[:keep])
+    return f"[{head}{f', ... ({len(items) - keep} more)' if len(items) > keep else ''}]"
 
 
 def _wire_dtype(dtype: str) -> torch.dtype:
@@ -128,16 +144,100 @@ def encoded_size(
     return _layout_size(entries, metadata)
 
 
-def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
-    """Parse and sanity-check the header without touching tensor data."""
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """True if arrays/objects nest deeper than `limit` (strings skipped); stops at the limit."""
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PayloadError(f"unparsable payload: duplicate key {key[:80]!r} in the header")
+        out[key] = value
+    return out
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise PayloadError(f"unparsable payload: a {len(text)}-digit number in the header")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise PayloadError(f"unparsable payload: {name} in the header")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62
+
+
+def _check_entry(name: Any, info: Any, data_len: int) -> None:
+    """One tensor's header entry: exactly what safetensors writes, with sane numbers."""
+    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+        raise PayloadError(f"unparsable payload: bad tensor name {str(name)[:80]!r}")
+    try:
+        name.encode("utf-8")  # lone surrogates ("\ud800") parse as JSON but are no UTF-8 name
+    except UnicodeEncodeError:
+        raise PayloadError(f"unparsable payload: tensor name {name[:80]!r} is not valid Unicode") from None
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise PayloadError(f"unparsable payload: bad header entry for tensor {name[:80]!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+        raise PayloadError(f"unparsable payload: tensor {name[:80]!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
+        raise PayloadError(f"unparsable payload: tensor {name[:80]!r} has a bad shape")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise PayloadError(f"unparsable payload: tensor {name[:80]!r} has bad data_offsets")
+    nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
+    begin, end = offsets
+    if end - begin != nbytes or end > data_len:
+        raise PayloadError(
+            f"unparsable payload: tensor {name[:80]!r} declares {nbytes} bytes at offsets [{begin}, {end}] "
+            f"of a {data_len}-byte data section"
+        )
+
+
+def _parse_header(data: bytes, max_header: int = _MAX_HEADER) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse and sanity-check the header without touching tensor data.
+
+    Bounded in time and memory whatever the bytes: the length is checked before anything is
+    read, nesting depth before `json.loads`, numbers and names as they are parsed. Every failure
+    is a `PayloadError` naming the reason.
+    """
+    try:
+        return _parse_header_unchecked(data, max_header)
+    except PayloadError:
+        raise
+    except Exception as e:  # RecursionError, MemoryError, ValueError...: a rejection, never a crash
+        raise PayloadError(f"unparsable payload: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _parse_header_unchecked(data: bytes, max_header: int) -> tuple[dict[str, Any], dict[str, str]]:
     if len(data) < 8:
         raise PayloadError(f"unparsable payload: {len(data)} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > min(len(data) - 8, _MAX_HEADER):
+    if n > len(data) - 8:
         raise PayloadError(f"unparsable payload: header length {n} exceeds the {len(data) - 8} bytes that follow")
+    if n > max_header:
+        raise PayloadError(f"unparsable payload: header length {n} exceeds the limit of {max_header} bytes")
     try:
-        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = bytes(data[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PayloadError(f"unparsable payload: header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    if _json_depth_exceeds(text, _MAX_DEPTH):
+        raise PayloadError(f"unparsable payload: header nests deeper than {_MAX_DEPTH} levels")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_bounded_int, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
         raise PayloadError(f"unparsable payload: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise PayloadError("unparsable payload: header is not a JSON object")
@@ -146,39 +246,60 @@ def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise PayloadError("unparsable payload: __metadata__ must map strings to strings")
+    data_len = len(data) - 8 - n
     for name, info in header.items():
-        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or "dtype" not in info:
-            raise PayloadError(f"unparsable payload: bad header entry for tensor {name!r}")
+        _check_entry(name, info, data_len)
     return header, metadata
+
+
+def header_limit(shapes: Mapping[str, tuple[int, ...]], dtype: str = "fp32") -> int:
+    """A generous bound on the header of an upload of these tensors (4x the honest header plus
+    64 kB for metadata): parse time stays proportional to what an honest client sends."""
+    st_dtype = _ST_NAME[_wire_dtype(dtype)]
+    honest = len(_header_json([(n, st_dtype, tuple(int(d) for d in s)) for n, s in shapes.items()], None))
+    return 4 * honest + 65_536
 
 
 def decode(
     data: bytes,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     max_bytes: int | None = None,
+    max_header: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Validate and parse a payload; return fp32 tensors and the metadata.
 
     Checks run cheapest first (size, header, keys, shapes, dtypes) so that an oversized or
-    malformed upload is rejected before its tensor data is materialized. Never unpickles.
+    malformed upload is rejected before its tensor data is materialized. Never unpickles, and
+    never raises anything but `PayloadError` on bad bytes.
     """
+    try:
+        return _decode_unchecked(data, expected, max_bytes, max_header or _MAX_HEADER)
+    except PayloadError:
+        raise
+    except Exception as e:  # a parser bug or exhaustion is still only a rejected payload
+        raise PayloadError(f"unparsable payload: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _decode_unchecked(
+    data: bytes, expected: Mapping[str, tuple[int, ...]] | None, max_bytes: int | None, max_header: int
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-    header, metadata = _parse_header(data)
+    header, metadata = _parse_header(data, max_header)
     if expected is not None:
         missing = sorted(set(expected) - set(header))
         extra = sorted(set(header) - set(expected))
         if missing:
-            raise PayloadError(f"missing tensors: {missing}")
+            raise PayloadError(f"missing tensors: {_short(missing)}")
         if extra:
-            raise PayloadError(f"unexpected tensors: {extra}")
+            raise PayloadError(f"unexpected tensors: {_short(extra)}")
         for name, shape in expected.items():
             got = tuple(header[name]["shape"])
             if got != tuple(shape):
                 raise PayloadError(f"tensor {name!r} has shape {got}, expected {tuple(shape)}")
     for name, info in header.items():
         if info["dtype"] not in _FLOAT_ST:
-            raise PayloadError(f"tensor {name!r} has non-float dtype {info['dtype']}")
+            raise PayloadError(f"tensor {name[:80]!r} has non-float dtype {info['dtype']}")
     try:
         raw = safetensors.torch.load(bytes(data))
     except Exception as e:  # the Rust parser's errors: offsets, lengths, overlaps

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from fedsb.adapter.export import atomic_write_bytes, atomic_write_json, save_adapter
+from fedsb.adapter.export import atomic_write_bytes, save_adapter
 from fedsb.adapter.inject import trainable_state
 from fedsb.config import ExperimentConfig, dump_config
 from fedsb.federated import comm
@@ -37,6 +37,7 @@ from fedsb.federated.client import ClientUpdate
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import sample_clients
 from fedsb.federated.server import Federation, build_federation, initialize_adapter, summarize
+from fedsb.rundir import publish_result
 
 
 @dataclass
@@ -195,8 +196,16 @@ def config_sha256(config: ExperimentConfig) -> str:
 class Experiment:
     """One run of a config through a transport: writes the results folder, returns the summary."""
 
-    def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, base_eval: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out_dir: str | Path,
+        *,
+        base_eval: dict[str, Any] | None = None,
+        config_changes: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
+        self.config_changes = config_changes  # what a resumed run changed (`fedsb.rundir.resume_changes`)
         self.out_dir = Path(out_dir)
         self.base_eval = base_eval  # the base model's evaluation from a sibling run (same model, seed, eval)
         self.fed: Federation | None = None
@@ -229,9 +238,12 @@ class Experiment:
             download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
         self.ledger = state.ledger
         download = transport.start(RunContext(fed, state.ledger), download, meta)
-        for r in range(state.round + 1, config.federation.rounds):
+        first_round = state.round + 1
+        for r in range(first_round, config.federation.rounds):
             metrics, download = play_round(fed, transport, r, download, state.ledger, meter)
             metrics.update(transport.after_round(RunContext(fed, state.ledger), r, download))
+            if self.config_changes and r == first_round:
+                metrics["config_changes"] = self.config_changes
             every = config.task.eval_every
             if r == config.federation.rounds - 1 or (every and (r + 1) % every == 0):
                 metrics["eval"] = _server.evaluate_federation(fed)
@@ -239,14 +251,14 @@ class Experiment:
             state.round = r
             state.privacy = fed.privacy.to_dict() if fed.privacy is not None else None
             self._checkpoint(fed, state, download, transport, sha)
-        save_adapter(fed.model, self.out_dir / "adapter", fed.head_modules, base_model=config.model.name)
         summary = summarize(config, state.rows, state.ledger, state.init, state.eval_before, time.perf_counter() - wall)
         if fed.privacy is not None:
             summary["privacy"] = fed.privacy.summary()
             summary["epsilon"] = summary["privacy"].get("epsilon")
             summary["user_epsilon"] = summary["privacy"].get("user_epsilon")
         summary.update(transport.summary(state.rows))
-        atomic_write_json(self.out_dir / "summary.json", summary)
+        # summary.json and adapter/ replace the old pair together, only now (see fedsb.rundir)
+        publish_result(self.out_dir, summary, lambda d: save_adapter(fed.model, d, fed.head_modules, base_model=config.model.name))
         return summary
 
     def _checkpoint(self, fed: Federation, state: RunState, download: bytes, transport: Transport, sha: str) -> None:

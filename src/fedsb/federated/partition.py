@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedsb.config import ConfigError
+
 
 def partition_indices(
     n: int,
@@ -19,7 +21,9 @@ def partition_indices(
 ) -> list[list[int]]:
     """Client index lists covering range(n) exactly once; every client gets at least one example."""
     if num_clients > n:
-        raise ValueError(f"{num_clients} clients but only {n} training examples: each client needs at least one")
+        raise ConfigError(
+            f"federation.num_clients = {num_clients}: only {n} training examples, and each client needs at least one"
+        )
     rng = np.random.default_rng(seed)
     if scheme == "shards":
         return [part.tolist() for part in np.array_split(np.arange(n), num_clients)]
@@ -27,7 +31,7 @@ def partition_indices(
         return [sorted(part.tolist()) for part in np.array_split(rng.permutation(n), num_clients)]
     if scheme == "dirichlet":
         if keys is None or all(k is None for k in keys):
-            raise ValueError("a dirichlet partition needs a key (label) per example; this task provides none")
+            raise ConfigError('federation.partition = "dirichlet" needs a key (label) per example; this task provides none')
         return _dirichlet(keys, num_clients, alpha, rng)
     raise ValueError(f"unknown partition {scheme!r}; allowed: iid, shards, dirichlet")
 

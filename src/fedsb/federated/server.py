@@ -291,17 +291,24 @@ def evaluate_federation(fed: Federation) -> dict[str, Any]:
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, base_eval: dict[str, Any] | None = None
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    base_eval: dict[str, Any] | None = None,
+    config_changes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federation in process and write its results folder; returns the summary.
 
     base_eval: the base model's evaluation from a run with the same model, seed and evaluation
     settings (another strategy of the same experiment), reused instead of evaluated again.
+    config_changes: what a resumed run changed (`fedsb.rundir.resume_changes`), recorded in the
+    first resumed round's metrics.
     """
     from fedsb.federated.experiment import Experiment
     from fedsb.federated.transport import InProcessTransport
 
-    return Experiment(config, out_dir, base_eval=base_eval).run(InProcessTransport(), resume=resume)
+    return Experiment(config, out_dir, base_eval=base_eval, config_changes=config_changes).run(InProcessTransport(), resume=resume)
 
 
 def summarize(config: ExperimentConfig, rows: list[dict[str, Any]], ledger: comm.CommLedger, init_info: dict[str, Any], before: dict[str, Any], seconds: float) -> dict[str, Any]:

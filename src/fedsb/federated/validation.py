@@ -84,12 +84,12 @@ def check_norm(
         )
 
 
-def _check_dtypes(payload: bytes, expected_dtype: str) -> None:
-    header, _ = comm._parse_header(payload)  # noqa: SLF001  (header-only parse, no data touched)
+def _check_dtypes(payload: bytes, expected_dtype: str, max_header: int) -> None:
+    header, _ = comm._parse_header(payload, max_header)  # noqa: SLF001  (header-only parse, no data touched)
     want = _ST_OF_WIRE.get(expected_dtype, expected_dtype)
     for name, info in header.items():
-        if info.get("dtype") != want:
-            raise PayloadError(f"tensor {name!r} has dtype {info.get('dtype')}, expected {want}")
+        if info["dtype"] != want:
+            raise PayloadError(f"tensor {name[:80]!r} has dtype {info['dtype']}, expected {want}")
 
 
 def validate_update(
@@ -113,15 +113,37 @@ def validate_update(
       `outlier_factor` x their median is refused (see `check_norm`).
     - `norm_bound`: an accepted update is clipped (not refused) to this L2 norm, measured
       against `base` (the global state the client started from) when given.
+
+    Any failure, whatever the bytes, is a `PayloadError` with a reason: a server that catches
+    `PayloadError` drops the client and finishes the round (tests/test_fuzz_payloads.py).
     """
+    try:
+        return _validate(payload, expected_shapes, max_bytes, norm_bound, reference_norms, expected_dtype, base, outlier_factor)
+    except PayloadError:
+        raise
+    except Exception as e:  # RecursionError, MemoryError, a parser bug: a rejection, never a crash
+        raise PayloadError(f"rejected: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _validate(
+    payload: bytes,
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    max_bytes: int | None,
+    norm_bound: float | None,
+    reference_norms: Sequence[float] | None,
+    expected_dtype: str | None,
+    base: Mapping[str, Tensor] | None,
+    outlier_factor: float,
+) -> dict[str, Tensor]:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
     if max_bytes is not None and len(payload) > max_bytes:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
+    max_header = comm.header_limit(expected_shapes)  # parse time bounded by what an honest client sends
     if expected_dtype is not None:
-        _check_dtypes(payload, expected_dtype)
-    tensors, _ = comm.decode(payload, expected=expected_shapes, max_bytes=max_bytes)
+        _check_dtypes(payload, expected_dtype, max_header)
+    tensors, _ = comm.decode(payload, expected=expected_shapes, max_bytes=max_bytes, max_header=max_header)
     norm = update_norm(tensors, base)
     check_norm(norm, reference_norms, outlier_factor=outlier_factor)
     if norm_bound is not None and norm_bound > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedsb.config import check_sample_delta
 from fedsb.privacy.accounting import Ledger, calibrate_noise, default_delta, poisson_sample_rate
 from fedsb.privacy.init import planned_init_entries
 from fedsb.privacy.user_level import UserLevelDP
@@ -29,6 +30,7 @@ class PrivacyState:
         state = cls(user=strategy.ledger if isinstance(strategy, UserLevelDP) else None)
         if not p.enabled:
             return state
+        check_sample_delta(p, [c.num_examples for c in fed.clients])  # n is known only now
         logical_batch = t.batch_size * t.grad_accum
         prior = planned_init_entries(cfg, sum(examples.values()))
         for cid, n in examples.items():

@@ -13,12 +13,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedsb.errors import FedsbError
+
 T = TypeVar("T")
 
 DATA_ENV = "FEDSB_DATA"
 
 
-class DataFormatError(ValueError):
+class DataFileError(FedsbError, FileNotFoundError):
+    """A data file that is not there; the message says where it was looked for."""
+
+
+class DataFormatError(FedsbError, ValueError):
     """A data file that does not have the expected shape; the message names file and line."""
 
     def __init__(self, path: str | os.PathLike[str], line: int | None, problem: str) -> None:
@@ -30,15 +36,29 @@ class DataFormatError(ValueError):
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line of a JSON Lines file."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """(line number, parsed object) for each non-blank line of a JSON Lines file; an empty file
+    is an error naming it (else it surfaces later as "0 training examples", with no file)."""
+    found = False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataFormatError(path, lineno, f"invalid JSON ({e.msg})") from None
+                raise DataFormatError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataFormatError(path, lineno, "invalid JSON (nested too deeply)") from None
+            found = True
+            yield lineno, obj
+    if not found:
+        raise DataFormatError(path, None, "empty file: no JSON lines")
 
 
 def iter_json_list(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
@@ -46,7 +66,12 @@ def iter_json_list(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
 
     Elements are decoded one at a time so each keeps its line number for error messages.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(path, line, f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
     decoder = json.JSONDecoder()
     n = len(text)
 
@@ -74,6 +99,8 @@ def iter_json_list(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataFormatError(path, e.lineno, f"invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataFormatError(path, line, "invalid JSON (nested too deeply)") from None
         yield line, obj
         pos = skip_ws(end)
         if pos < n and text[pos] == ",":
@@ -88,7 +115,7 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
     """Dispatch on the file name: .jsonl is JSON Lines, anything else one JSON list."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise DataFileError(f"data file not found: {p}")
     return iter_jsonl(p) if p.name.endswith(".jsonl") else iter_json_list(p)
 
 
@@ -163,7 +190,7 @@ def resolve_local(
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"data file not found: {p}")
+            raise DataFileError(f"data file not found: {p}")
         return p
     if default_rel is None:
         return None
@@ -210,7 +237,7 @@ def seeded_subset(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
     return [items[i] for i in idx]
 
 
-def missing_data_error(what: str, default_rel: str | None, hub: str | None) -> FileNotFoundError:
+def missing_data_error(what: str, default_rel: str | None, hub: str | None) -> DataFileError:
     """The error for a task whose data is nowhere: says every way to provide it."""
     ways = ["pass path=<file>"]
     if default_rel:
@@ -219,7 +246,7 @@ def missing_data_error(what: str, default_rel: str | None, hub: str | None) -> F
         )
     if hub:
         ways.append(f"`pip install datasets` and be online to fetch {hub!r} from the hub")
-    return FileNotFoundError(f"no data for {what}: " + "; or ".join(ways))
+    return DataFileError(f"no data for {what}: " + "; or ".join(ways))
 
 
 def load_source(
