@@ -91,6 +91,11 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast where fast), "fp32", "bf16"
     max_length: int = 256
     keep_optimizer_state: bool = False  # keep each client's AdamW moments between rounds
+    # Rows and padded tokens per forward pass (the activation memory budget); the logical batch
+    # (batch_size x grad_accum) and the loss stay as set. physical_batch 0: as many rows as the
+    # token budget allows; 1: one row per forward (the code path before issue 19).
+    physical_batch: int = 0
+    physical_tokens: int = 1024
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)
@@ -99,6 +104,8 @@ class TrainConfig:
         _positive("train.local_epochs", self.local_epochs)
         _positive("train.local_steps", self.local_steps, zero_ok=True)
         _positive("train.max_length", self.max_length)
+        _positive("train.physical_batch", self.physical_batch, zero_ok=True)
+        _positive("train.physical_tokens", self.physical_tokens, zero_ok=True)
         _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         if not 0 <= self.warmup_ratio < 1:

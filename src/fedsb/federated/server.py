@@ -262,6 +262,8 @@ def train_client(fed: Federation, client: ClientData, round_index: int, global_s
                 max_grad_norm=cfg.max_grad_norm,
                 precision=fed.precision,
                 on_step=lambda loss: advance(1),
+                physical_batch=cfg.physical_batch,
+                physical_tokens=cfg.physical_tokens,
             )
     if cfg.keep_optimizer_state:
         client.optimizer_state = optimizer_state_to_cpu(optimizer.state_dict())
