@@ -32,9 +32,13 @@ class ModelConfig:
     name: str | None = None  # hub name, local path, or None for the packaged default
     kind: str = "causal"  # "causal" (LM) or "classifier" (sequence classification)
     num_labels: int = 3  # classifier only
+    # Storage of the adapted layers' frozen weights: "auto" (bf16 when training autocasts to
+    # bf16, fp32 for fedex/flora), "fp32" (the fp32 masters kept before issue 19), "bf16".
+    frozen_dtype: str = "auto"
 
     def validate(self) -> None:
         _one_of("model.kind", self.kind, ("causal", "classifier"))
+        _one_of("model.frozen_dtype", self.frozen_dtype, ("auto", "fp32", "bf16"))
 
 
 @dataclass
@@ -64,6 +68,9 @@ class InitConfig:
     # when R's learning rate is far from full fine-tuning's, e.g. a few steps at lr 5e-3, where
     # the paper's rule would put a full-size step of 5e-3 on every weight and break the model.
     lr_eff: float = 0.0
+    # Target layers per gradient pass of the central init (0: all in one pass, as before issue
+    # 19); the fp32 gradient buffers held at once are those of one group.
+    group_size: int = 0
 
     def validate(self) -> None:
         _one_of("init.method", self.method, ("central", "federated", "random"))
@@ -73,6 +80,7 @@ class InitConfig:
         _positive("init.oversample", self.oversample, zero_ok=True)
         _positive("init.power_iters", self.power_iters, zero_ok=True)
         _positive("init.lr_eff", self.lr_eff, zero_ok=True)
+        _positive("init.group_size", self.group_size, zero_ok=True)
         if not (self.data == "clients" or self.data.startswith("public:")):
             raise ConfigError(f"init.data = {self.data!r}: allowed values are 'clients' or 'public:<task name>'")
 

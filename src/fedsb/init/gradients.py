@@ -2,8 +2,10 @@
 
 Like peft's LoRA-GA: only the target weights require grad while the gradient is estimated, and
 every `requires_grad` flag and the train/eval mode are put back afterwards, whatever happens.
-The gradients accumulate in the weights' own `.grad`, so the extra memory is one fp32 copy of
-the target weights.
+Each backward's gradient is moved into one fp32 accumulator per target weight by a
+post-accumulate hook (a weight stored in bf16 gets a bf16 `.grad`, which must not be summed in
+bf16), so the extra memory is one fp32 copy of the target weights passed in: pass a group of
+layers at a time to bound it (`fedsb.init.init_central`'s `group_size`).
 """
 
 from __future__ import annotations
@@ -57,25 +59,41 @@ def estimate_gradients(
     if not batches:
         raise ValueError("gradient estimation needs at least one batch")
     weights = {name: layer.base_layer.weight for name, layer in layers.items()}
+    grads: dict[str, Tensor] = {}
+
+    def accumulate(name: str) -> Callable[[Tensor], None]:
+        def hook(w: Tensor) -> None:
+            g = w.grad
+            w.grad = None
+            if name in grads:
+                grads[name].add_(g)  # fp32 += this backward's (possibly bf16) gradient
+            else:
+                grads[name] = g if g.dtype == torch.float32 else g.float()
+
+        return hook
+
+    handles = []
     with preserved_training_state(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.grad = None
-            w.requires_grad_(True)
-        model.eval()  # no dropout: the estimate is deterministic
-        device = next(model.parameters()).device
-        for batch in batches:
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            with autocast_context(device, precision):
-                loss = loss_fn(model, batch)
-            (loss.float() / len(batches)).backward()
-            if progress is not None:
-                progress(1)
-        grads = {}
-        for name, w in weights.items():
-            if w.grad is None:
-                raise RuntimeError(f"target {name!r} received no gradient: is it used in the forward pass?")
-            grads[name] = w.grad.float()
-            w.grad = None
-    return grads
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, w in weights.items():
+                w.grad = None
+                w.requires_grad_(True)
+                handles.append(w.register_post_accumulate_grad_hook(accumulate(name)))
+            model.eval()  # no dropout: the estimate is deterministic
+            device = next(model.parameters()).device
+            for batch in batches:
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                with autocast_context(device, precision):
+                    loss = loss_fn(model, batch)
+                (loss.float() / len(batches)).backward()
+                if progress is not None:
+                    progress(1)
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [name for name in weights if name not in grads]
+    if missing:
+        raise RuntimeError(f"target {missing[0]!r} received no gradient: is it used in the forward pass?")
+    return {name: grads[name] for name in weights}
