@@ -147,3 +147,38 @@ def test_grouped_init_on_bf16_weights_accumulates_in_fp32():
         for a, b in zip(one[name], grouped[name]):
             assert torch.allclose(a, b, atol=1e-6, rtol=0), name
         assert torch.linalg.matrix_rank(one[name][0]) == 4
+
+
+@pytest.mark.parametrize("budget", [12, 25])
+def test_init_gradient_pass_under_a_token_budget_gives_the_same_gradient(budget):
+    from fedsb.init import estimate_gradients
+
+    model = tiny_causal_lm(layers=2, seed=7)
+    layers = inject_adapters(model, TARGETS, rank=4)
+    mark_trainable(model)
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for lengths in ([9, 5, 12], [7, 10]):  # right-padded, partly labelled rows
+        ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, n in enumerate(lengths):
+            ids[r, :n] = torch.randint(3, 100, (n,), generator=g)
+            mask[r, :n] = 1
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        labels[:, :3] = -100
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    plain = estimate_gradients(model, layers, batches)
+    packed = estimate_gradients(model, layers, batches, physical_tokens=budget)
+    for name in plain:
+        assert torch.allclose(plain[name], packed[name], atol=1e-7, rtol=1e-5), name
+    assert max(float(v.abs().max()) for v in plain.values()) > 1e-4
+
+
+def test_bf16_storage_lets_the_checkpoint_go_and_keeps_values():
+    model = tiny_causal_lm(seed=3)
+    inject_adapters(model, TARGETS, rank=4)
+    mark_trainable(model)
+    embed = model.get_input_embeddings().weight
+    before_ptr, before = embed.data_ptr(), embed.detach().clone()
+    store_frozen(model, torch.bfloat16)
+    assert embed.data_ptr() != before_ptr and torch.equal(embed, before)  # copied, not converted

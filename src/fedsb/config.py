@@ -71,6 +71,9 @@ class InitConfig:
     # Target layers per gradient pass of the central init (0: all in one pass, as before issue
     # 19); the fp32 gradient buffers held at once are those of one group.
     group_size: int = 0
+    # Padded tokens per forward of the central init's gradient pass (its activation budget; the
+    # per-batch loss normalization stays). 0: each init batch in one forward, as before issue 19.
+    physical_tokens: int = 512
 
     def validate(self) -> None:
         _one_of("init.method", self.method, ("central", "federated", "random"))
@@ -81,6 +84,7 @@ class InitConfig:
         _positive("init.power_iters", self.power_iters, zero_ok=True)
         _positive("init.lr_eff", self.lr_eff, zero_ok=True)
         _positive("init.group_size", self.group_size, zero_ok=True)
+        _positive("init.physical_tokens", self.physical_tokens, zero_ok=True)
         if not (self.data == "clients" or self.data.startswith("public:")):
             raise ConfigError(f"init.data = {self.data!r}: allowed values are 'clients' or 'public:<task name>'")
 

@@ -98,6 +98,10 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     `AdapterLinear.store_frozen`. Trainable tensors and everything outside the adapters stay."""
     for layer in adapter_layers(model).values():
         layer.store_frozen(dtype)
+    if dtype != torch.float32:
+        from fedsb.models import own_storage
+
+        own_storage(model)  # lets the fp32 checkpoint's file mapping go
 
 
 def head_parameters(model: nn.Module, head_modules: list[str]) -> dict[str, nn.Parameter]:

@@ -27,8 +27,8 @@ from fedsb.bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, run_ch
 PHASES = ("model load", "init gradient pass", "init SVD", "client training", "aggregation", "evaluation", "other")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Settings that reproduce the code path before issue 19 (fp32 masters of frozen weights, one
-# row per forward at batch 1, the whole init gradient in one pass).
-BEFORE = {"model": {"frozen_dtype": "fp32"}, "train": {"physical_batch": 1}, "init": {"group_size": 0}}
+# row per forward at batch 1, the whole init gradient in one pass, each init batch one forward).
+BEFORE = {"model": {"frozen_dtype": "fp32"}, "train": {"physical_batch": 1}, "init": {"group_size": 0, "physical_tokens": 0}}
 
 
 def issue_config(model_name: str | None = None, /, *, precision: str = "bf16", train_limit: int = 48, **sections: dict) -> dict[str, Any]:

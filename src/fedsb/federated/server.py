@@ -216,6 +216,7 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger) -> dict[str, An
                 lr_eff=fed.init_lr_eff(),
                 group_size=cfg.init.group_size,
                 timings=timings,
+                physical_tokens=cfg.init.physical_tokens,
             )
         info.update({"gradient_pass_seconds": timings["gradient pass"], "svd_seconds": timings["svd"], "passes": passes})
     else:

@@ -31,6 +31,12 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     return causal_lm_loss(model, batch)
 
 
+def causal_lm_row_losses(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    from fedsb.training import causal_lm_row_losses as row_losses
+
+    return row_losses(model, batch)
+
+
 @contextmanager
 def preserved_training_state(model: nn.Module) -> Iterator[None]:
     """Restore every parameter's `requires_grad` and every module's train/eval mode on exit."""
@@ -53,11 +59,18 @@ def estimate_gradients(
     loss_fn: LossFn = default_loss,
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
+    physical_tokens: int = 0,
 ) -> dict[str, Tensor]:
-    """Mean gradient of the loss w.r.t. each target layer's base weight, {name: fp32 grad}."""
+    """Mean gradient of the loss w.r.t. each target layer's base weight, {name: fp32 grad}.
+
+    `physical_tokens` > 0 (causal LM batches, default loss): the batches' rows are re-cut into
+    forwards of at most that many padded tokens with the same per-batch loss normalization
+    (`fedsb.physical_batch`): the activations, not the gradient, are this pass's largest holder.
+    """
     batches = list(batches)
     if not batches:
         raise ValueError("gradient estimation needs at least one batch")
+    forwards = _forwards(batches, loss_fn, physical_tokens)
     weights = {name: layer.base_layer.weight for name, layer in layers.items()}
     grads: dict[str, Tensor] = {}
 
@@ -83,13 +96,18 @@ def estimate_gradients(
                 handles.append(w.register_post_accumulate_grad_hook(accumulate(name)))
             model.eval()  # no dropout: the estimate is deterministic
             device = next(model.parameters()).device
-            for batch in batches:
+            for batch, row_weight in forwards:
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 with autocast_context(device, precision):
-                    loss = loss_fn(model, batch)
-                (loss.float() / len(batches)).backward()
-                if progress is not None:
+                    if row_weight is None:
+                        loss = loss_fn(model, batch).float() / len(batches)
+                    else:
+                        loss = (causal_lm_row_losses(model, batch) * row_weight.to(device)).sum()
+                loss.backward()
+                if progress is not None and row_weight is None:
                     progress(1)
+            if progress is not None and forwards and forwards[0][1] is not None:
+                progress(len(batches))
         finally:
             for h in handles:
                 h.remove()
@@ -97,3 +115,15 @@ def estimate_gradients(
     if missing:
         raise RuntimeError(f"target {missing[0]!r} received no gradient: is it used in the forward pass?")
     return {name: grads[name] for name in weights}
+
+
+def _forwards(
+    batches: list[Mapping[str, Any]], loss_fn: LossFn, physical_tokens: int
+) -> list[tuple[Mapping[str, Any], Tensor | None]]:
+    """(batch, row weights or None for "loss_fn / number of batches") per forward pass."""
+    from fedsb.physical_batch import plan_physical_batches, supports_repacking
+
+    if physical_tokens <= 0 or loss_fn is not default_loss or not all(supports_repacking(b) for b in batches):
+        return [(b, None) for b in batches]
+    plan = plan_physical_batches(batches, max_rows=0, max_tokens=physical_tokens)
+    return [(part.batch, part.row_weight) for part in plan]
