@@ -207,6 +207,9 @@ def profile_run(config: dict[str, Any], out_dir: str, threads: int | None = None
     rec.holders["after the run"] = model_holders(model)
     rec.holders["computed"] = computed_holders(model, cfg.init.group_size)
     result = rec.finish()
+    # the process's peak: the largest phase peak (VmHWM itself was reset at every phase)
+    result["peak_rss_bytes"] = max(p["peak_rss_bytes"] for p in result["phases"].values())
+    result["peak_phase"] = max(result["phases"], key=lambda k: result["phases"][k]["peak_rss_bytes"])
     tokens = sum(c.tokens for c in clients)
     train_s = sum(c.seconds for c in clients)
     result.update({
@@ -253,14 +256,14 @@ def measure_memory_phases(
             out["overrides"] = overrides
             runs[key] = out
             if log:
-                log(f"  memory phases {key}: peak {out['process_peak_rss_bytes'] / 1e9:.2f} GB, "
+                log(f"  memory phases {key}: peak {out['peak_rss_bytes'] / 1e9:.2f} GB ({out['peak_phase']}), "
                     f"train {out['train_tokens_per_s'] or 0:.0f} tok/s, end to end {out['end_to_end_s']:.1f} s")
     ratios: dict[str, Any] = {}
     for prec in precisions:
         b, a = runs.get(f"before/{prec}"), runs.get(f"after/{prec}")
         if b and a:
             ratios[prec] = {
-                "peak RSS after / before": a["process_peak_rss_bytes"] / b["process_peak_rss_bytes"],
+                "peak RSS after / before": a["peak_rss_bytes"] / b["peak_rss_bytes"],
                 "training tokens/s after / before": (a["train_tokens_per_s"] or 0) / (b["train_tokens_per_s"] or 1),
                 "end to end after / before": a["end_to_end_s"] / b["end_to_end_s"],
             }
@@ -284,7 +287,8 @@ def render_phases(r: dict[str, Any]) -> str:
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
     head = ["| measure | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     rows = [
-        ("peak RSS, GB (process)", lambda v: _gb(v["process_peak_rss_bytes"])),
+        ("peak RSS, GB (process)", lambda v: _gb(v["peak_rss_bytes"])),
+        ("phase of the peak", lambda v: v["peak_phase"]),
         ("end to end, s (process)", lambda v: f"{v['end_to_end_s']:.1f}"),
         ("run_experiment, s", lambda v: f"{v['run_experiment_s']:.1f}"),
         ("init gradient pass, s", lambda v: f"{(v.get('init') or {}).get('gradient_pass_seconds') or 0:.1f}"),
@@ -302,3 +306,41 @@ def render_phases(r: dict[str, Any]) -> str:
     ratio = [f"- {prec}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()) for prec, rr in r.get("ratios", {}).items()]
     return "\n".join(head) + "\n\nPer phase (peak RSS of the process while in it / seconds in it):\n\n" + "\n".join(lines) + \
         "\n\nWhat holds the memory:\n\n" + "\n".join(hold) + "\n\nRatios (after / before, same run):\n\n" + "\n".join(ratio) + "\n"
+
+
+# --- projection to larger models, computed from shapes (no weights needed) ---------------------
+
+SHAPES = {  # hidden, intermediate, layers, attention heads, kv heads, vocab, tied embeddings
+    "SmolLM2-135M": (576, 1536, 30, 9, 3, 49152, True),
+    "Llama-3.2-3B": (3072, 8192, 28, 24, 8, 128256, True),
+    "Mistral-7B": (4096, 14336, 32, 32, 8, 32000, False),
+}
+
+
+def projected_holders(shape: tuple, *, rank: int = 64, group_layers: int = 1) -> dict[str, dict[str, float]]:
+    """GB held by the weights and the init's buffers, before vs after issue 19, in bf16 training
+    with LoRA-SB on all seven projections. Computed from shapes, not measured: activations,
+    the runtime and the allocator come on top (they scale with tokens per forward, not with these).
+
+    `group_layers`: decoder layers per init gradient pass in the "after" column (7 targets each).
+    """
+    hidden, inter, layers, heads, kv_heads, vocab, tied = shape
+    kv = hidden // heads * kv_heads
+    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
+    w = layers * sum(o * i for o, i in per_layer)
+    ba = layers * sum((o + i) * rank for o, i in per_layer)
+    r = layers * len(per_layer) * rank * rank
+    embed = vocab * hidden * (1 if tied else 2)
+    group = group_layers * sum(o * i for o, i in per_layer)
+    gb = 1e-9
+    before = {
+        "adapted W": 4 * w * gb, "cached bf16 copies of W, B, A": 2 * (w + ba) * gb, "B, A": 4 * ba * gb,
+        "embeddings / head": 4 * embed * gb, "init fp32 gradient buffers": 4 * w * gb, "R + grad + AdamW moments": 16 * r * gb,
+    }
+    after = {
+        "adapted W": 2 * w * gb, "cached bf16 copies of W, B, A": 0.0, "B, A": 2 * ba * gb,
+        "embeddings / head": 4 * embed * gb, "init fp32 gradient buffers": 4 * group * gb, "R + grad + AdamW moments": 16 * r * gb,
+    }
+    for d in (before, after):
+        d["total"] = sum(d.values())
+    return {"before": before, "after": after, "numbers": {"adapted W": w, "B, A": ba, "R": r, "embeddings": embed}}
