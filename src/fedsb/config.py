@@ -107,7 +107,7 @@ class TrainConfig:
     # (batch_size x grad_accum) and the loss stay as set. physical_batch 0: as many rows as the
     # token budget allows; 1: one row per forward (the code path before issue 19).
     physical_batch: int = 0
-    physical_tokens: int = 1024
+    physical_tokens: int = 512
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)

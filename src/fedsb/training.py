@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsb.heap import release_free_memory
 from fedsb.physical_batch import plan_physical_batches, supports_repacking
 from fedsb.precision import autocast_context
 
@@ -162,6 +163,7 @@ def train_steps(
         if on_step is not None:
             on_step(group_loss)
     optimizer.zero_grad(set_to_none=True)
+    release_free_memory()
     return StepResult(steps=len(groups), mean_loss=sum(losses) / max(1, len(losses)), tokens=tokens)
 
 

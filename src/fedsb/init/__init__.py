@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fedsb.adapter.layer import AdapterLinear, LoraSBLinear
+from fedsb.heap import release_free_memory
 from fedsb.init.federated import layer_generator  # one test matrix per (seed, layer), shared by all inits
 from fedsb.init.gradients import LossFn, default_loss, estimate_gradients
 from fedsb.init.svd import effective_lr, randomized_svd
@@ -132,6 +133,7 @@ def init_central(
         spent["svd"] += time.perf_counter() - t1
     for name, layer in _lorasb_layers(layers).items():
         install_from_update(layer, *factors.pop(name))
+    release_free_memory()  # the pass's activations and buffers, before training grows past them
     if timings is not None:
         timings.update(spent)
     return lr_eff
