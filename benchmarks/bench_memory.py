@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/bench/memory")
     ap.add_argument("--model", default=None, help="default: the packaged SmolLM2-135M-Instruct")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
     args = ap.parse_args()
     start = load_average()
     r = measure_memory_phases(

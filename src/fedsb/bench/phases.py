@@ -242,26 +242,40 @@ def measure_memory_phases(
     """
     from fedsb.bench.timing import load_average
 
+    from pathlib import Path
+
     variants = variants if variants is not None else {"before": BEFORE, "after": {}}
-    runs: dict[str, Any] = {}
+    saved = Path(out_root) / "runs.json"  # finished runs survive a crash or an OOM kill of the parent
+    runs: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
     for prec in precisions:
         for name, overrides in variants.items():
             key = f"{name}/{prec}"
+            if key in runs and "error" not in runs[key]:
+                continue
             cfg = config(model, precision=prec, **json.loads(json.dumps(overrides)))
             t0 = time.perf_counter()
             load = load_average()
-            out = run_child("fedsb.bench.phases:profile_run", {"config": cfg, "out_dir": f"{out_root}/{name}-{prec}", "threads": threads})
+            try:
+                out = run_child("fedsb.bench.phases:profile_run", {"config": cfg, "out_dir": f"{out_root}/{name}-{prec}", "threads": threads})
+            except RuntimeError as err:  # e.g. killed by the OOM killer on a shared machine: say so, go on
+                runs[key] = {"error": str(err)[:500], "overrides": overrides}
+                if log:
+                    log(f"  memory phases {key}: FAILED ({str(err)[:120]})")
+                continue
+            finally:
+                saved.parent.mkdir(parents=True, exist_ok=True)
             out["end_to_end_s"] = time.perf_counter() - t0  # interpreter start, imports, load, run
             out["load_average_before"] = load
             out["overrides"] = overrides
             runs[key] = out
+            saved.write_text(json.dumps(runs, default=str))
             if log:
                 log(f"  memory phases {key}: peak {out['peak_rss_bytes'] / 1e9:.2f} GB ({out['peak_phase']}), "
                     f"train {out['train_tokens_per_s'] or 0:.0f} tok/s, end to end {out['end_to_end_s']:.1f} s")
     ratios: dict[str, Any] = {}
     for prec in precisions:
         b, a = runs.get(f"before/{prec}"), runs.get(f"after/{prec}")
-        if b and a:
+        if b and a and "error" not in a and "error" not in b:
             ratios[prec] = {
                 "peak RSS after / before": a["peak_rss_bytes"] / b["peak_rss_bytes"],
                 "training tokens/s after / before": (a["train_tokens_per_s"] or 0) / (b["train_tokens_per_s"] or 1),
@@ -276,7 +290,8 @@ def _gb(x: Any) -> str:
 
 def render_phases(r: dict[str, Any]) -> str:
     """Markdown: per-phase peak RSS and seconds for every run, the headline measures, the holders."""
-    runs = r["runs"]
+    failed = {k: v["error"] for k, v in r["runs"].items() if "error" in v}
+    runs = {k: v for k, v in r["runs"].items() if "error" not in v}
     keys = list(runs)
     lines = ["| phase | " + " | ".join(f"{k} peak GB / s" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
     for phase in PHASES:
@@ -304,7 +319,8 @@ def render_phases(r: dict[str, Any]) -> str:
         vals = [runs[k]["holders"].get("after the run", {}).get(h, runs[k]["holders"].get("computed", {}).get(h)) for k in keys]
         hold.append(f"| {h} | " + " | ".join(_gb(v) for v in vals) + " |")
     ratio = [f"- {prec}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()) for prec, rr in r.get("ratios", {}).items()]
-    return "\n".join(head) + "\n\nPer phase (peak RSS of the process while in it / seconds in it):\n\n" + "\n".join(lines) + \
+    notes = "".join(f"\n{k}: did not finish ({v.splitlines()[0][:200]})\n" for k, v in failed.items())
+    return "\n".join(head) + "\n" + notes + "\nPer phase (peak RSS of the process while in it / seconds in it):\n\n" + "\n".join(lines) + \
         "\n\nWhat holds the memory:\n\n" + "\n".join(hold) + "\n\nRatios (after / before, same run):\n\n" + "\n".join(ratio) + "\n"
 
 
