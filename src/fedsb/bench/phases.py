@@ -357,6 +357,8 @@ def projected_holders(shape: tuple, *, rank: int = 64, group_layers: int = 1) ->
         "adapted W": 2 * w * gb, "cached bf16 copies of W, B, A": 0.0, "B, A": 2 * ba * gb,
         "embeddings / head": 4 * embed * gb, "init fp32 gradient buffers": 4 * group * gb, "R + grad + AdamW moments": 16 * r * gb,
     }
-    for d in (before, after):
-        d["total"] = sum(d.values())
+    for d in (before, after):  # what is alive at once in each phase (activations not included)
+        d["init phase (weights + gradient buffers + casts)"] = sum(d[k] for k in ("adapted W", "B, A", "embeddings / head", "init fp32 gradient buffers")) + (
+            2 * w * gb if d is before else 0.0)  # autocast's per-forward bf16 copy of a W that requires grad
+        d["training phase (weights + casts + R state)"] = sum(d[k] for k in ("adapted W", "cached bf16 copies of W, B, A", "B, A", "embeddings / head", "R + grad + AdamW moments"))
     return {"before": before, "after": after, "numbers": {"adapted W": w, "B, A": ba, "R": r, "embeddings": embed}}
