@@ -211,3 +211,19 @@ def test_causal_lm_loss_leaves_classifiers_alone(tiny_bert):
     tiny_bert.eval()
     batch = {"input_ids": torch.randint(3, 99, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long), "labels": torch.tensor([0, 2])}
     torch.testing.assert_close(causal_lm_loss(tiny_bert, batch), tiny_bert(**batch).loss)
+
+
+def test_phases_section_profiles_before_and_after(tmp_path, monkeypatch):
+    """Issue 19's memory profile: a run per (variant, precision) in its own process, per phase."""
+    monkeypatch.setenv("FEDSB_DATA", str(gsm8k_data_root(tmp_path / "data")))
+    results = run_bench(tmp_path, model="tiny-llama", quick=True, sections=["phases"], settings=tiny_settings(phases_train_limit=6), log=None)
+    runs = results["phases"]["runs"]
+    assert set(runs) == {"before/fp32", "after/fp32"}
+    for run in runs.values():
+        assert {"model load", "init gradient pass", "init SVD", "client training", "aggregation"} <= set(run["phases"])
+        assert run["peak_rss_bytes"] >= max(p["peak_rss_bytes"] for p in run["phases"].values()) > 0
+        assert run["train_tokens"] > 0 and run["init"]["passes"] == 1
+    held = runs["before/fp32"]["holders"]["after the run"]
+    assert held["adapted frozen weights (W) [float32]"] > 0
+    assert "peak RSS after / before" in results["phases"]["ratios"]["fp32"]
+    assert "## Memory per phase" in (tmp_path / "bench.md").read_text()

@@ -38,9 +38,13 @@ class ModelConfig:
     name: str | None = None  # hub name, local path, or None for the packaged default
     kind: str = "causal"  # "causal" (LM) or "classifier" (sequence classification)
     num_labels: int = 3  # classifier only
+    # Storage of the adapted layers' frozen weights: "auto" (bf16 when training autocasts to
+    # bf16, fp32 for fedex/flora), "fp32" (the fp32 masters kept before issue 19), "bf16".
+    frozen_dtype: str = "auto"
 
     def validate(self) -> None:
         _one_of("model.kind", self.kind, ("causal", "classifier"))
+        _one_of("model.frozen_dtype", self.frozen_dtype, ("auto", "fp32", "bf16"))
 
 
 @dataclass
@@ -70,6 +74,12 @@ class InitConfig:
     # when R's learning rate is far from full fine-tuning's, e.g. a few steps at lr 5e-3, where
     # the paper's rule would put a full-size step of 5e-3 on every weight and break the model.
     lr_eff: float = 0.0
+    # Target layers per gradient pass of the central init (0: all in one pass, as before issue
+    # 19); the fp32 gradient buffers held at once are those of one group.
+    group_size: int = 0
+    # Padded tokens per forward of the central init's gradient pass (its activation budget; the
+    # per-batch loss normalization stays). 0: each init batch in one forward, as before issue 19.
+    physical_tokens: int = 512
 
     def validate(self) -> None:
         _one_of("init.method", self.method, ("central", "federated", "random"))
@@ -79,6 +89,8 @@ class InitConfig:
         _positive("init.oversample", self.oversample, zero_ok=True)
         _positive("init.power_iters", self.power_iters, zero_ok=True)
         _positive("init.lr_eff", self.lr_eff, zero_ok=True)
+        _positive("init.group_size", self.group_size, zero_ok=True)
+        _positive("init.physical_tokens", self.physical_tokens, zero_ok=True)
         if not (self.data == "clients" or self.data.startswith("public:")):
             raise ConfigError(f"init.data = {self.data!r}: allowed values are 'clients' or 'public:<task name>'")
 
@@ -97,6 +109,11 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast where fast), "fp32", "bf16"
     max_length: int = 256
     keep_optimizer_state: bool = False  # keep each client's AdamW moments between rounds
+    # Rows and padded tokens per forward pass (the activation memory budget); the logical batch
+    # (batch_size x grad_accum) and the loss stay as set. physical_batch 0: as many rows as the
+    # token budget allows; 1: one row per forward (the code path before issue 19).
+    physical_batch: int = 0
+    physical_tokens: int = 512
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)
@@ -105,6 +122,8 @@ class TrainConfig:
         _positive("train.local_epochs", self.local_epochs)
         _positive("train.local_steps", self.local_steps, zero_ok=True)
         _positive("train.max_length", self.max_length)
+        _positive("train.physical_batch", self.physical_batch, zero_ok=True)
+        _positive("train.physical_tokens", self.physical_tokens, zero_ok=True)
         _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         if not 0 <= self.warmup_ratio < 1:

@@ -37,3 +37,24 @@ def autocast_context(device: torch.device | str, precision: str) -> contextlib.A
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+FROZEN_DTYPES = ("auto", "fp32", "bf16")
+
+
+def frozen_dtype(setting: str, precision: str, *, folds_into_base: bool = False) -> torch.dtype:
+    """The dtype frozen tensors (W, frozen A and B) are stored in.
+
+    "auto": bf16 when training autocasts to bf16 (the frozen tensors are only read in bf16
+    there), fp32 otherwise; also fp32 for strategies that fold updates into W every round
+    (FedEx-LoRA, FLoRA), whose small folded steps would be rounded away in bf16, like R's AdamW
+    steps were in the paper's bf16 code. `precision` is the resolved training precision.
+    """
+    if setting not in FROZEN_DTYPES:
+        raise ValueError(f"frozen dtype must be one of {FROZEN_DTYPES}, got {setting!r}")
+    if setting == "bf16" and folds_into_base:
+        raise ValueError("model.frozen_dtype = 'bf16' with a strategy that folds updates into the base weights "
+                         "(fedex, flora) would round the folded steps away; use 'auto' or 'fp32'")
+    if setting == "auto":
+        return torch.bfloat16 if precision == "bf16" and not folds_into_base else torch.float32
+    return torch.bfloat16 if setting == "bf16" else torch.float32

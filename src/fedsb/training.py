@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsb.heap import release_free_memory
+from fedsb.physical_batch import plan_physical_batches, supports_repacking
 from fedsb.precision import autocast_context
 
 
@@ -48,6 +50,25 @@ def _takes_logits_to_keep(forward_owner: type) -> bool:
         return False
 
 
+def _shifted_labels(batch: Mapping[str, Tensor]) -> Tensor | None:
+    """What position t predicts (labels moved left by one), for a causal LM batch; else None."""
+    labels, ids = batch.get("labels"), batch.get("input_ids")
+    if labels is None or ids is None or labels.dim() != 2 or labels.shape != ids.shape:
+        return None
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+def _head_logits(model: nn.Module, batch: Mapping[str, Tensor], shifted: Tensor) -> tuple[Tensor, int]:
+    """(logits from the first position whose next label counts, that position) (`logits_to_keep`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers pass kwargs on
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    counted = (shifted != -100).any(dim=0)
+    if not _takes_logits_to_keep(type(base)) or not bool(counted.any()):
+        return model(**inputs).logits, 0
+    first = int(counted.nonzero()[0])
+    return model(**inputs, logits_to_keep=shifted.shape[1] - first).logits, first
+
+
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """`model(**batch).loss` of a causal LM, with the output head run only where a label needs it.
 
@@ -59,17 +80,24 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     `ForCausalLMLoss`. Anything else (classifiers, models without `logits_to_keep`, batches without
     a label) gets the model's own loss.
     """
-    labels, ids = batch.get("labels"), batch.get("input_ids")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers pass kwargs on
-    if labels is None or ids is None or labels.dim() != 2 or labels.shape != ids.shape or not _takes_logits_to_keep(type(base)):
+    shifted = _shifted_labels(batch)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if shifted is None or not _takes_logits_to_keep(type(base)) or not bool((shifted != -100).any()):
         return model(**batch).loss
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # what position t predicts
-    counted = (shifted != -100).any(dim=0)
-    if not bool(counted.any()):
-        return model(**batch).loss
-    first = int(counted.nonzero()[0])
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=shifted.shape[1] - first).logits
+    logits, first = _head_logits(model, batch, shifted)
     return F.cross_entropy(logits.float().flatten(0, -2), shifted[:, first:].flatten(), ignore_index=-100)
+
+
+def causal_lm_row_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Summed cross-entropy of each row's supervised tokens (rows,), fp32: the pieces from which
+    any per-token normalization over any grouping of rows can be rebuilt exactly."""
+    shifted = _shifted_labels(batch)
+    if shifted is None:
+        raise ValueError("per-row losses need a causal LM batch (2-D labels shaped like input_ids)")
+    logits, first = _head_logits(model, batch, shifted)
+    target = shifted[:, first:]
+    ce = F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), ignore_index=-100, reduction="none")
+    return ce.view(target.shape).sum(dim=1)
 
 
 @dataclass
@@ -102,8 +130,15 @@ def train_steps(
     precision: str,
     loss_fn: Callable[[nn.Module, Mapping[str, Any]], Tensor] | None = None,
     on_step: Callable[[float], None] | None = None,
+    physical_batch: int | None = None,
+    physical_tokens: int = 0,
 ) -> StepResult:
-    """Run optimizer steps over `batches` (grad_accum micro-batches per step)."""
+    """Run optimizer steps over `batches` (grad_accum micro-batches per step).
+
+    `physical_batch` None runs each micro-batch as given. Otherwise (causal LM loss only) the rows
+    of a step are re-cut into forwards of at most `physical_batch` rows (0: no limit) and
+    `physical_tokens` padded tokens (0: no limit), with the same loss (`fedsb.physical_batch`).
+    """
     model.train()
     device = next(model.parameters()).device
     losses: list[float] = []
@@ -114,19 +149,12 @@ def train_steps(
         for g in optimizer.param_groups:
             g["lr"] = lr_for_step(step)
         optimizer.zero_grad(set_to_none=True)
-        group_loss = 0.0
-        for batch in group:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(device, precision):
-                loss = (loss_fn or causal_lm_loss)(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss is {loss.item()} at step {step}: a batch without supervised tokens "
-                    "(response cut by train.max_length?) or a learning rate that is too high"
-                )
-            (loss.float() / len(group)).backward()
-            group_loss += loss.item() / len(group)
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        tokens += sum(int(b["attention_mask"].sum()) for b in group if "attention_mask" in b)
+        repack = physical_batch is not None and loss_fn is None and all(supports_repacking(b) for b in group)
+        if repack:
+            group_loss = _accumulate_repacked(model, group, device, precision, step, physical_batch, physical_tokens)
+        else:
+            group_loss = _accumulate_micro_batches(model, group, device, precision, step, loss_fn or causal_lm_loss)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
@@ -135,4 +163,49 @@ def train_steps(
         if on_step is not None:
             on_step(group_loss)
     optimizer.zero_grad(set_to_none=True)
+    release_free_memory()
     return StepResult(steps=len(groups), mean_loss=sum(losses) / max(1, len(losses)), tokens=tokens)
+
+
+def _check_finite(loss: Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"training loss is {loss.item()} at step {step}: a batch without supervised tokens "
+            "(response cut by train.max_length?) or a learning rate that is too high"
+        )
+
+
+def _accumulate_micro_batches(
+    model: nn.Module, group: Sequence[Mapping[str, Tensor]], device: torch.device, precision: str, step: int,
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], Tensor],
+) -> float:
+    """One forward + backward per micro-batch, each mean loss divided by the micro-batch count."""
+    group_loss = 0.0
+    for batch in group:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_context(device, precision):
+            loss = loss_fn(model, batch)
+        _check_finite(loss, step)
+        (loss.float() / len(group)).backward()
+        group_loss += loss.item() / len(group)
+    return group_loss
+
+
+def _accumulate_repacked(
+    model: nn.Module, group: Sequence[Mapping[str, Tensor]], device: torch.device, precision: str, step: int,
+    max_rows: int, max_tokens: int,
+) -> float:
+    """The same gradient as `_accumulate_micro_batches` with `causal_lm_loss`, from re-cut forwards."""
+    try:
+        plan = plan_physical_batches(group, max_rows=max_rows, max_tokens=max_tokens)
+    except FloatingPointError as err:
+        raise FloatingPointError(f"training loss is nan at step {step}: {err}") from None
+    group_loss = 0.0
+    for part in plan:
+        batch = {k: v.to(device) for k, v in part.batch.items()}
+        with autocast_context(device, precision):
+            loss = (causal_lm_row_losses(model, batch) * part.row_weight.to(device)).sum()
+        _check_finite(loss, step)
+        loss.backward()
+        group_loss += loss.item()
+    return group_loss

@@ -93,6 +93,17 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every adapter layer's frozen tensors (W, frozen A/B) in `dtype`; see
+    `AdapterLinear.store_frozen`. Trainable tensors and everything outside the adapters stay."""
+    for layer in adapter_layers(model).values():
+        layer.store_frozen(dtype)
+    if dtype != torch.float32:
+        from fedsb.models import own_storage
+
+        own_storage(model)  # lets the fp32 checkpoint's file mapping go
+
+
 def head_parameters(model: nn.Module, head_modules: list[str]) -> dict[str, nn.Parameter]:
     """Parameters of the modules named as trainable heads, keyed "head.<module>.<param>"."""
     params: dict[str, nn.Parameter] = {}

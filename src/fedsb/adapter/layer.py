@@ -110,6 +110,10 @@ class AdapterLinear(nn.Module):
 
     def base_forward(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
         w, b = self.base_layer.weight, self.base_layer.bias
+        if dtype is None and w.dtype != x.dtype:  # e.g. a bf16-stored W read outside autocast
+            if w.requires_grad:  # the init's gradient pass: the cast is differentiable
+                return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+            dtype = x.dtype
         if dtype is None or w.requires_grad or w.dtype == dtype:
             return self.base_layer(x)  # autocast casts (and caches) a weight that trains
         return F.linear(x, self.frozen_as("weight", w, dtype), None if b is None else b.to(dtype))
@@ -128,18 +132,48 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight (for fast inference); `unmerge` undoes it."""
+        """Fold the adapter into the base weight (for fast inference); `unmerge` undoes it.
+
+        A weight stored below fp32 is folded in fp32 and its original kept aside, because
+        (W + D) - D rounded to bf16 is not W.
+        """
         if not self.merged:
             w = self.base_layer.weight
-            w.add_(self.delta_weight().to(w.dtype))
+            if w.dtype == torch.float32:
+                w.add_(self.delta_weight())
+            else:
+                self._unmerged_weight = w.detach().clone()
+                w.copy_(w.float().add_(self.delta_weight()))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             w = self.base_layer.weight
-            w.sub_(self.delta_weight().to(w.dtype))
+            original = self.__dict__.pop("_unmerged_weight", None)
+            if original is not None:
+                w.copy_(original)
+            else:
+                w.sub_(self.delta_weight().to(w.dtype))
             self.merged = False
+
+    @torch.no_grad()
+    def store_frozen(self, dtype: torch.dtype) -> None:
+        """Keep the frozen tensors (W, its bias, frozen A/B) in `dtype` only: where training
+        autocasts to bf16 they are only ever read in bf16, so an fp32 master would be a second,
+        unused copy (and the cast cache a third). Trainable tensors are left alone (fp32)."""
+        if self.merged:
+            raise RuntimeError("unmerge the adapter before changing the stored dtype of its frozen tensors")
+        for p in (self.base_layer.weight, self.base_layer.bias):
+            if p is not None and not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, t in self.frozen_tensors().items():
+            if t.dtype != dtype:
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(dtype)
+                else:
+                    setattr(self, name, t.to(dtype))
+        self.clear_cast_cache()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
@@ -164,7 +198,7 @@ class LoraSBLinear(AdapterLinear):
         return self.frozen_as("lora_B", self.lora_B, dtype)
 
     def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.R.weight.float() @ self.lora_A) * self.scaling
+        return (self.lora_B.float() @ self.R.weight.float() @ self.lora_A.float()) * self.scaling
 
     @torch.no_grad()
     def set_factors(self, b: Tensor, r: Tensor, a: Tensor) -> None:

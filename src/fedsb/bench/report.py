@@ -159,6 +159,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         fit = c["time_fit"]
         parts.append(f"Memory growth {c['memory_growth_from']}: {100 * c['memory_growth']:.2f}%. "
                      f"Time per round = {fit['intercept_s']:.2f} s + {fit['slope_s_per_client']:.3f} s x clients (R^2 = {fit['r2']:.3f}).\n")
+    if "phases" in r:
+        from fedsb.bench.phases import render_phases
+
+        parts.append("## Memory per phase (issue 19's GSM8K run; before = fp32 masters, physical batch 1, "
+                     "one-pass init; one fresh process each)\n")
+        parts.append(render_phases(r["phases"]))
     if r.get("section_seconds"):
         parts.append("Section wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["section_seconds"].items()) + ".\n")
     return "\n".join(parts)

@@ -4,7 +4,8 @@ Sections (each can be skipped): train (LoRA-SB vs peft LoRA vs full fine-tuning,
 GFLOP/s against the measured matmul peak), memory (peak RSS per variant, one process each),
 profile (top ops of a step), generate (batched GSM8K generation), init (gradient pass and SVD),
 round (a 10-client federation round split into its parts), clients (memory and time against 2,
-10, 50 clients, one process each). Writes bench.json and bench.md into the output folder.
+10, 50 clients, one process each), phases (issue 19's GSM8K run, before vs after its memory
+work: peak RSS per phase and what holds it, one process each). Writes bench.json and bench.md into the output folder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("train", "memory", "profile", "generate", "init", "round", "clients")
+SECTIONS = ("train", "memory", "profile", "generate", "init", "round", "clients", "phases")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BenchSettings:
     round_eval_limit: int = 32
     client_counts: list[int] = field(default_factory=lambda: [2, 10, 50])
     client_rounds: int = 3
+    phases_train_limit: int = 48  # issue 19's run: 3 clients x 16 GSM8K examples
 
     @classmethod
     def full(cls) -> "BenchSettings":
@@ -58,7 +60,7 @@ class BenchSettings:
             batch=2, seq=64, matmul_n=1024, memory_steps=1, memory_variants=2,
             gen_batch_sizes=[1, 8], gen_prompts=8, gen_prompts_batch1=2, gen_max_new_tokens=16,
             init_examples=8, init_batch_size=8, round_clients=3, round_rounds=3, round_local_steps=1,
-            round_eval_limit=8, client_counts=[2, 4, 8], client_rounds=3,
+            round_eval_limit=8, client_counts=[2, 4, 8], client_rounds=3, phases_train_limit=6,
         )
 
 
@@ -74,7 +76,7 @@ def run_bench(
     """Run the chosen sections; write `bench.json` and `bench.md` into `out`; return the results."""
     import torch
 
-    from fedsb.bench import federation, generation, init, train
+    from fedsb.bench import federation, generation, init, phases, train
     from fedsb.bench.machine import machine_info
     from fedsb.bench.report import render_markdown, targets_check
     from fedsb.bench.timing import load_average
@@ -126,6 +128,10 @@ def run_bench(
         eval_limit=s.round_eval_limit, eval_batch_size=32, log=say))
     section("clients", lambda: federation.measure_clients(
         model, client_counts=s.client_counts, rounds=s.client_rounds, rank=s.rank, log=say))
+    section("phases", lambda: phases.measure_memory_phases(
+        model, precisions=s.memory_precisions, out_root=str(out / "phases"), log=say,
+        config=lambda name, /, **kw: phases.issue_config(name, train_limit=s.phases_train_limit, **kw) | (
+            {"adapter": {"rank": s.rank, "targets": phases.SEVEN}} if quick else {})))
     results["load_average_end"] = load_average()
     results["torch_threads_end"] = torch.get_num_threads()
     _write(out, results, render_markdown, targets_check)

@@ -137,6 +137,8 @@ class SgdSteps:
             max_grad_norm=t.max_grad_norm,
             precision=plan.precision,
             on_step=on_step,
+            physical_batch=t.physical_batch,
+            physical_tokens=t.physical_tokens,
         )
         return result, state
 

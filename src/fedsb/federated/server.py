@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fedsb.adapter.inject import adapter_layers, adapter_state, inject_adapters, mark_trainable
+from fedsb.adapter.inject import adapter_layers, adapter_state, inject_adapters, mark_trainable, store_frozen
 from fedsb.aggregation import Strategy, get_strategy
 from fedsb.config import ExperimentConfig
 from fedsb.data import collate, tokenize_all
@@ -24,10 +24,10 @@ from fedsb.federated import comm
 from fedsb.federated.client import ClientData
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import partition_indices
-from fedsb.init import init_central, init_random
+from fedsb.init import init_central, init_random, layer_groups
 from fedsb.init.svd import effective_lr
 from fedsb.models import load_model
-from fedsb.precision import resolve_precision
+from fedsb.precision import frozen_dtype, resolve_precision
 from fedsb.progress import progress_bar
 from fedsb.tasks import get_task
 from fedsb.tasks.base import PairExample
@@ -115,6 +115,8 @@ def build_federation(config: ExperimentConfig) -> Federation:
     )
     strategy.prepare(model)
     mark_trainable(model, cfg.adapter.head_modules)
+    precision = resolve_precision(cfg.train.precision, next(model.parameters()).device)
+    store_frozen(model, frozen_dtype(cfg.model.frozen_dtype, precision, folds_into_base=strategy_cls.modifies_base))
     t = cfg.train
     fed = Federation(
         config=cfg,
@@ -126,7 +128,7 @@ def build_federation(config: ExperimentConfig) -> Federation:
         eval_examples=eval_examples,
         strategy=strategy,
         classification=classification,
-        precision=resolve_precision(t.precision, next(model.parameters()).device),
+        precision=precision,
     )
     fed.steps_per_round = {c.client_id: c.steps_per_round(t.batch_size, t.grad_accum, t.local_epochs, t.local_steps) for c in clients}
     if cfg.privacy.enabled or cfg.privacy.user_level:  # per-client noise calibrated for the whole run
@@ -207,7 +209,9 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
                 fed.privacy.init = {k: v for k, v in info.items() if k != "method"}
     elif cfg.init.method == "central":
         batches = init_batches(fed)
-        with progress_bar("init: gradient pass", total=len(batches)) as advance:
+        passes = len(layer_groups(layers, cfg.init.group_size))
+        timings: dict[str, float] = {}
+        with progress_bar("init: gradient pass", total=len(batches) * passes) as advance:
             info["lr_eff"] = init_central(
                 fed.model,
                 layers,
@@ -221,7 +225,11 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
                 precision=fed.precision,
                 progress=advance,
                 lr_eff=fed.init_lr_eff(),
+                group_size=cfg.init.group_size,
+                timings=timings,
+                physical_tokens=cfg.init.physical_tokens,
             )
+        info.update({"gradient_pass_seconds": timings["gradient pass"], "svd_seconds": timings["svd"], "passes": passes})
     else:
         from fedsb.federated.federated_init import run_federated_init, run_federated_init_exchanges
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fedsb.adapter.layer import AdapterLinear, LoraSBLinear
+from fedsb.heap import release_free_memory
 from fedsb.init.federated import layer_generator  # one test matrix per (seed, layer), shared by all inits
 from fedsb.init.gradients import LossFn, default_loss, estimate_gradients
 from fedsb.init.svd import effective_lr, randomized_svd
@@ -36,6 +37,33 @@ def install_from_update(layer: LoraSBLinear, p: Tensor, s: Tensor, qt: Tensor) -
     layer.set_factors(p, torch.diag(s) / layer.scaling, qt)
 
 
+def sign_step_factors(
+    layers: Mapping[str, AdapterLinear],
+    grads: dict[str, Tensor],
+    *,
+    lr_eff: float,
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    indices: Mapping[str, int] | None = None,
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """{name: (P, S, Qt)}: the truncated randomized SVD of U = -lr_eff * sign(G) per layer.
+
+    Consumes `grads`: each layer's gradient buffer is released as soon as its SVD is done.
+    `indices` gives each layer's position among all target layers (its SVD test matrix is
+    seeded by it) when `layers` is one group of them; default: positions in `layers`.
+    """
+    factors = {}
+    for position, (name, layer) in enumerate(_lorasb_layers(layers).items()):
+        index = position if indices is None else indices[name]
+        u = grads.pop(name).sign_().mul_(-lr_eff)  # in place: no second copy of the gradients
+        factors[name] = randomized_svd(
+            u, layer.rank, oversample=oversample, power_iters=power_iters, generator=layer_generator(seed, index)
+        )
+        del u
+    return factors
+
+
 def init_from_gradients(
     layers: Mapping[str, AdapterLinear],
     grads: dict[str, Tensor],
@@ -46,13 +74,16 @@ def init_from_gradients(
     seed: int = 0,
 ) -> None:
     """U = -lr_eff * sign(G) per layer, truncated randomized SVD, install. Consumes `grads`."""
-    for index, (name, layer) in enumerate(_lorasb_layers(layers).items()):
-        u = grads.pop(name).sign_().mul_(-lr_eff)  # in place: no second copy of the gradients
-        p, s, qt = randomized_svd(
-            u, layer.rank, oversample=oversample, power_iters=power_iters, generator=layer_generator(seed, index)
-        )
-        del u
-        install_from_update(layer, p, s, qt)
+    factors = sign_step_factors(layers, grads, lr_eff=lr_eff, oversample=oversample, power_iters=power_iters, seed=seed)
+    for name, layer in _lorasb_layers(layers).items():
+        install_from_update(layer, *factors.pop(name))
+
+
+def layer_groups(layers: Mapping[str, AdapterLinear], group_size: int) -> list[dict[str, AdapterLinear]]:
+    """Consecutive groups of `group_size` target layers (0: one group of all)."""
+    items = list(layers.items())
+    size = group_size if group_size > 0 else max(1, len(items))
+    return [dict(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 def init_central(
@@ -70,14 +101,41 @@ def init_central(
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
     lr_eff: float | None = None,
+    group_size: int = 0,
+    timings: dict[str, float] | None = None,
+    physical_tokens: int = 0,
 ) -> float:
     """The paper's initialization on data this party holds; returns lr_eff.
 
     lr_eff defaults to the paper's `lr / warm-up steps`; pass it to set the step's scale directly.
+    `group_size` > 0 runs the gradient pass once per group of that many target layers, each
+    group's SVDs right after its pass: the fp32 gradient buffers at any time are those of the
+    largest group (4 bytes x its weights' numbers) instead of all targets', for one extra forward
+    and input-gradient backward per further group. The result is the same as one pass.
+    `timings`, when given, receives the seconds spent in "gradient pass" and "svd".
+    `physical_tokens` bounds the padded tokens per forward (`estimate_gradients`).
     """
+    import time
+
     lr_eff = lr_eff or effective_lr(lr, warmup_ratio, total_steps)
-    grads = estimate_gradients(model, layers, batches, loss_fn=loss_fn, precision=precision, progress=progress)
-    init_from_gradients(layers, grads, lr_eff=lr_eff, oversample=oversample, power_iters=power_iters, seed=seed)
+    batches = list(batches)
+    indices = {name: i for i, name in enumerate(layers)}
+    spent = {"gradient pass": 0.0, "svd": 0.0}
+    factors: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # rank-r: installed once every group is done,
+    for group in layer_groups(layers, group_size):  # so that each pass sees the model the first one saw
+        t0 = time.perf_counter()
+        grads = estimate_gradients(model, group, batches, loss_fn=loss_fn, precision=precision, progress=progress,
+                                   physical_tokens=physical_tokens)
+        t1 = time.perf_counter()
+        factors.update(sign_step_factors(group, grads, lr_eff=lr_eff, oversample=oversample, power_iters=power_iters,
+                                         seed=seed, indices=indices))
+        spent["gradient pass"] += t1 - t0
+        spent["svd"] += time.perf_counter() - t1
+    for name, layer in _lorasb_layers(layers).items():
+        install_from_update(layer, *factors.pop(name))
+    release_free_memory()  # the pass's activations and buffers, before training grows past them
+    if timings is not None:
+        timings.update(spent)
     return lr_eff
 
 
@@ -100,4 +158,6 @@ __all__ = [
     "init_random",
     "install_from_update",
     "layer_generator",
+    "layer_groups",
+    "sign_step_factors",
 ]

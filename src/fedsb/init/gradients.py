@@ -2,8 +2,10 @@
 
 Like peft's LoRA-GA: only the target weights require grad while the gradient is estimated, and
 every `requires_grad` flag and the train/eval mode are put back afterwards, whatever happens.
-The gradients accumulate in the weights' own `.grad`, so the extra memory is one fp32 copy of
-the target weights.
+Each backward's gradient is moved into one fp32 accumulator per target weight by a
+post-accumulate hook (a weight stored in bf16 gets a bf16 `.grad`, which must not be summed in
+bf16), so the extra memory is one fp32 copy of the target weights passed in: pass a group of
+layers at a time to bound it (`fedsb.init.init_central`'s `group_size`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     return causal_lm_loss(model, batch)
 
 
+def causal_lm_row_losses(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    from fedsb.training import causal_lm_row_losses as row_losses
+
+    return row_losses(model, batch)
+
+
 @contextmanager
 def preserved_training_state(model: nn.Module) -> Iterator[None]:
     """Restore every parameter's `requires_grad` and every module's train/eval mode on exit."""
@@ -51,31 +59,71 @@ def estimate_gradients(
     loss_fn: LossFn = default_loss,
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
+    physical_tokens: int = 0,
 ) -> dict[str, Tensor]:
-    """Mean gradient of the loss w.r.t. each target layer's base weight, {name: fp32 grad}."""
+    """Mean gradient of the loss w.r.t. each target layer's base weight, {name: fp32 grad}.
+
+    `physical_tokens` > 0 (causal LM batches, default loss): the batches' rows are re-cut into
+    forwards of at most that many padded tokens with the same per-batch loss normalization
+    (`fedsb.physical_batch`): the activations, not the gradient, are this pass's largest holder.
+    """
     batches = list(batches)
     if not batches:
         raise ValueError("gradient estimation needs at least one batch")
+    forwards = _forwards(batches, loss_fn, physical_tokens)
     weights = {name: layer.base_layer.weight for name, layer in layers.items()}
+    grads: dict[str, Tensor] = {}
+
+    def accumulate(name: str) -> Callable[[Tensor], None]:
+        def hook(w: Tensor) -> None:
+            g = w.grad
+            w.grad = None
+            if name in grads:
+                grads[name].add_(g)  # fp32 += this backward's (possibly bf16) gradient
+            else:
+                grads[name] = g if g.dtype == torch.float32 else g.float()
+
+        return hook
+
+    handles = []
     with preserved_training_state(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.grad = None
-            w.requires_grad_(True)
-        model.eval()  # no dropout: the estimate is deterministic
-        device = next(model.parameters()).device
-        for batch in batches:
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            with autocast_context(device, precision):
-                loss = loss_fn(model, batch)
-            (loss.float() / len(batches)).backward()
-            if progress is not None:
-                progress(1)
-        grads = {}
-        for name, w in weights.items():
-            if w.grad is None:
-                raise RuntimeError(f"target {name!r} received no gradient: is it used in the forward pass?")
-            grads[name] = w.grad.float()
-            w.grad = None
-    return grads
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, w in weights.items():
+                w.grad = None
+                w.requires_grad_(True)
+                handles.append(w.register_post_accumulate_grad_hook(accumulate(name)))
+            model.eval()  # no dropout: the estimate is deterministic
+            device = next(model.parameters()).device
+            for batch, row_weight in forwards:
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                with autocast_context(device, precision):
+                    if row_weight is None:
+                        loss = loss_fn(model, batch).float() / len(batches)
+                    else:
+                        loss = (causal_lm_row_losses(model, batch) * row_weight.to(device)).sum()
+                loss.backward()
+                if progress is not None and row_weight is None:
+                    progress(1)
+            if progress is not None and forwards and forwards[0][1] is not None:
+                progress(len(batches))
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [name for name in weights if name not in grads]
+    if missing:
+        raise RuntimeError(f"target {missing[0]!r} received no gradient: is it used in the forward pass?")
+    return {name: grads[name] for name in weights}
+
+
+def _forwards(
+    batches: list[Mapping[str, Any]], loss_fn: LossFn, physical_tokens: int
+) -> list[tuple[Mapping[str, Any], Tensor | None]]:
+    """(batch, row weights or None for "loss_fn / number of batches") per forward pass."""
+    from fedsb.physical_batch import plan_physical_batches, supports_repacking
+
+    if physical_tokens <= 0 or loss_fn is not default_loss or not all(supports_repacking(b) for b in batches):
+        return [(b, None) for b in batches]
+    plan = plan_physical_batches(batches, max_rows=0, max_tokens=physical_tokens)
+    return [(part.batch, part.row_weight) for part in plan]
