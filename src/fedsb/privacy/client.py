@@ -5,7 +5,7 @@ return a `ClientResult`. Differences, all for the guarantee: every step is a Poi
 the client's examples (expected size batch_size * grad_accum, split into physical batches of
 batch_size), per-example gradients are clipped to privacy.max_grad_norm and Gaussian noise is
 added (opacus); the global max_grad_norm clipping is not applied (per-example clipping
-replaces it); no autocast (fp32 throughout). The client's accountant history carries over
+replaces it); train.precision applies to the frozen encoder only (see `privacy.engine`). The client's accountant history carries over
 from round to round in `fed.privacy`.
 """
 
@@ -56,6 +56,8 @@ def train_client_private(fed: Any, client: ClientData, round_index: int, global_
             clipping=p.clipping,
             history=ledger.history,
             noise_seed=seed,
+            precision=cfg.precision,  # bf16 autocast for the frozen encoder; what trains stays fp32
+            lengths=[len(it) for it in client.items],  # length-sorted micro-batches of each Poisson draw
         )
         with session, progress_bar(f"round {round_index + 1} client {client.client_id} (DP)", total=steps) as advance:
             stats = session.train(
