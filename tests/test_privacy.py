@@ -262,7 +262,7 @@ def test_precision_islands_swap_linears_and_restore():
 
 def test_bf16_session_matches_fp32_per_sample_norms():
     """Per-sample gradient norms (what gets clipped) of the bf16 path vs the fp32 path on the same
-    batch and weights: within 5% relative (bf16 keeps 8 bits of mantissa in the frozen encoder)."""
+    batch and weights: within 1% relative (measured: 0.04% at most on this model)."""
     norms = {}
     for precision in ("fp32", "bf16"):
         model, tok, items = _tiny()
@@ -281,13 +281,14 @@ def test_bf16_session_matches_fp32_per_sample_norms():
         assert all(type(m) is nn.Linear for m in (model.classifier,))  # classes restored
     assert norms["fp32"].shape == (12,) and bool((norms["fp32"] > 0).all())
     rel = (norms["bf16"] - norms["fp32"]).abs() / norms["fp32"]
-    assert float(rel.max()) < 0.05, rel
+    assert float(rel.max()) < 0.01, rel
 
 
 @pytest.mark.parametrize("kind", ["lorasb", "lora"])
 def test_bf16_sorted_session_trains_and_clips(kind):
     """The fast path: same accounting, every step's update bounded by the clipping norm."""
     model, tok, items = _tiny(kind)
+    attention = model.config._attn_implementation
     before = trainable_state(model, ["classifier"])
     params = [p for p in model.parameters() if p.requires_grad]
     session = PrivateSession(
@@ -297,7 +298,10 @@ def test_bf16_sorted_session_trains_and_clips(kind):
     make_batch = lambda idx: collate([items[i] for i in idx], tok.pad_token_id, True)  # noqa: E731
     torch.manual_seed(1)
     with session:
+        if attention == "sdpa":
+            assert model.config._attn_implementation == "eager"  # the faster CPU bf16 attention, for the session
         stats = session.train(steps=1, make_batch=make_batch, lr_for_step=lambda s: 1.0)
+    assert model.config._attn_implementation == attention
     assert session.history == [(0.0, poisson_sample_rate(24, 8), 1)]
     after = trainable_state(model, ["classifier"])
     step = math.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))

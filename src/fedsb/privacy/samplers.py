@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,15 +95,18 @@ class PrecisionIslands:
 
     modules: list[nn.Module]
     dropout: list[tuple[nn.Module, str, float]]
+    handles: list[Any]
 
     def restore(self) -> None:
+        for handle in self.handles:
+            handle.remove()
         for module in self.modules:
             if isinstance(module, FrozenBf16Linear):
                 del module._bf16
             module.__class__ = nn.Linear
         for module, attr, value in self.dropout:
             setattr(module, attr, value)
-        self.modules, self.dropout = [], []
+        self.modules, self.dropout, self.handles = [], [], []
 
 
 def precision_islands(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, dropout: bool = True) -> PrecisionIslands:
@@ -112,6 +116,10 @@ def precision_islands(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, 
     identity, so the optimizer, opacus' hooks and the federation's references stay valid.
     `dropout=False` also sets every dropout probability of the model to 0 for the session
     (nn.Dropout.p and attention modules' `dropout_prob` / `attention_dropout`).
+
+    The embeddings' output is cast to `dtype` under autocast, so the residual stream is bf16
+    from the start: otherwise fp32 embeddings keep it fp32 (bf16 + fp32 promotes), and every
+    linear layer re-casts its input, forward and backward (15% of a step in a profile).
     """
     trainable = {id(m) for _, m in trainable_modules(model)}
     swapped: list[nn.Module] = []
@@ -135,7 +143,30 @@ def precision_islands(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, 
                 if isinstance(value, float) and value > 0:
                     saved.append((module, attr, value))
                     setattr(module, attr, 0.0)
-    return PrecisionIslands(swapped, saved)
+    handles = []
+    embeddings = _embeddings_module(model)
+    if embeddings is not None:
+        handles.append(embeddings.register_forward_hook(_cast_output_hook(dtype)))
+    return PrecisionIslands(swapped, saved, handles)
+
+
+def _embeddings_module(model: nn.Module) -> nn.Module | None:
+    """The module whose output starts the residual stream (BERT's `embeddings`, else the token embedding)."""
+    base = getattr(model, "base_model", model)
+    found = getattr(base, "embeddings", None)
+    if isinstance(found, nn.Module):
+        return found
+    get = getattr(model, "get_input_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _cast_output_hook(dtype: torch.dtype):
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, Tensor) and output.is_floating_point() and torch.is_autocast_enabled(output.device.type):
+            return output.to(dtype)
+        return output
+
+    return hook
 
 
 def split_logical_batch(indices: Sequence[int], max_size: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
