@@ -174,6 +174,30 @@ def test_shared_snli_dev_file_when_present():
     assert len(parts["eval"]) == int(9842 * 0.2)
 
 
+def test_tune_evaluates_on_a_validation_slice_of_train(tmp_path):
+    path = str(fixture(tmp_path, 80))
+    plain = SNLITask(path=path, eval_fraction=0.2, public_fraction=0.1).parts()
+    tuned = SNLITask(path=path, eval_fraction=0.2, public_fraction=0.1, tune=True, validation_fraction=0.25).parts()
+    text = {k: {e.text_b for e in v} for k, v in tuned.items()}
+    assert len(tuned["eval"]) == len(plain["train"]) // 4 and len(tuned["train"]) == len(plain["train"]) - len(tuned["eval"])
+    assert text["eval"] <= {e.text_b for e in plain["train"]}  # validation comes out of train ...
+    assert not (text["eval"] & text["train"]) and not (text["eval"] & {e.text_b for e in plain["eval"]})  # ... never eval
+    assert tuned["public"] == plain["public"]
+    with pytest.raises(ValueError, match="validation_fraction"):
+        SNLITask(path=path, validation_fraction=0.0)
+
+
+def test_shared_snli_dev_file_split_of_the_dp_config():
+    """configs/snli-dp-small.toml: eval >= 1,000 pairs, about 8,000 for training."""
+    from fedsb.tasks.io import default_data_root
+
+    root = default_data_root()
+    if root is None or not (root / DEFAULT_REL).is_file():
+        pytest.skip("the shared SNLI dev file is not available")
+    sizes = {k: len(v) for k, v in SNLITask(eval_fraction=0.12).parts().items()}
+    assert sizes == {"public": 492, "eval": 1181, "train": 8169}
+
+
 def test_public_part_does_not_depend_on_eval_fraction(tmp_path):
     path = str(fixture(tmp_path, 80))
     a = SNLITask(path=path, eval_fraction=0.2, public_fraction=0.1).parts()

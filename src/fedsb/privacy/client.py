@@ -4,8 +4,9 @@ Differences from plain steps, all for the guarantee: every step is a Poisson sam
 client's examples (expected size batch_size * grad_accum, split into physical batches of
 batch_size), per-example gradients are clipped to privacy.max_grad_norm and Gaussian noise is
 added (opacus); the global max_grad_norm clipping is not applied (per-example clipping replaces
-it); no autocast (fp32 throughout). The client's accountant history comes in with its
-`ClientState` and goes back out with this round's steps added.
+it); train.precision applies to the frozen encoder only (see `privacy.engine`): R, the head,
+per-sample gradients, clipping and noise stay fp32. The client's accountant history comes in
+with its `ClientState` and goes back out with this round's steps added.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class DpSgdSteps:
             clipping=self.clipping,
             history=state.privacy_history or [],
             noise_seed=seed,
+            precision=plan.precision,  # bf16 autocast for the frozen encoder; what trains stays fp32
+            lengths=[len(it) for it in client.items],  # length-sorted micro-batches of each Poisson draw
         )
         with session:
             stats = session.train(steps=plan.steps, make_batch=make_batch, lr_for_step=lr_for_step, first_step=round_index * plan.steps, on_step=on_step)

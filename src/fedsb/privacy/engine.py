@@ -6,12 +6,25 @@ opacus' hooks to the model in place (`wrap_model=False`), and on exit removes th
 attribute opacus put on parameters and modules: R (and the head) keep their identity and their
 values, and the next client (or the evaluation) sees a plain model.
 
-Sampling is opacus' Poisson sampling (each example joins a step's batch independently with
-probability q = 1 / ceil(n / batch_size)), drawn over example indices so that variable-length
-token sequences need no opacus-specific collation; logical batches are split into physical
-ones of at most `physical_batch_size` by opacus' BatchMemoryManager. Training runs in fp32, no
-autocast: per-sample norms computed in bf16 would make the clipping (the sensitivity bound)
-inexact.
+Sampling is opacus' Poisson sampling (each example joins a step's logical batch independently
+with probability q = 1 / ceil(n / batch_size)), drawn over example indices so that
+variable-length token sequences need no opacus-specific collation. Only AFTER the draw is the
+logical batch cut into physical micro-batches of at most `physical_batch_size`; given the
+examples' `lengths`, the drawn examples are first sorted by length, so each micro-batch is
+padded to a similar width (dynamic padding). Reordering and splitting a drawn batch changes
+neither which examples a step sees nor its clipped sum, so the sampling distribution, and with
+it the accounting, is unchanged.
+
+Precision (`precision`): "fp32" runs everything in fp32 (the old path). "bf16" runs the frozen
+encoder under bf16 autocast while every trainable module computes in fp32: each trainable
+`nn.Linear` (LoRA-SB's R, the head) has autocast switched off and its input upcast
+(`Fp32Linear`), so its activations, its backprops and the per-sample gradients opacus forms
+from them are fp32; the LoRA baselines' grad sampler upcasts to fp32 too. Clipping, noise and
+the optimizer act on fp32 tensors. The frozen linear layers use a bf16 copy of their weight
+made once per session (`FrozenBf16Linear`). The sensitivity bound holds either way: opacus
+clips the per-sample gradients it computed and sums exactly those, whatever arithmetic
+produced them. `dropout=False` switches the frozen encoder's dropout off for the session (a
+training choice, common in DP fine-tuning; the accounting is the same).
 """
 
 from __future__ import annotations
@@ -25,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
@@ -33,7 +45,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsb.adapter.layer import LoraLinear
 from fedsb.privacy import samplers as _samplers  # noqa: F401  (registers LoraLinear's grad sampler)
+from fedsb.precision import autocast_context, resolve_precision
 from fedsb.privacy.accounting import PrivacyError, poisson_sample_rate
+from fedsb.privacy.samplers import physical_batches, precision_islands
 
 GRAD_SAMPLE_MODES = {"flat": "hooks", "ghost": "ghost"}
 _OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
@@ -88,6 +102,22 @@ def check_compatible(model: nn.Module) -> None:
             raise PrivacyError(f"layer {name!r}: trainable tensor {bad[0]!r} must be fp32 under DP")
 
 
+# torch's bf16 flash-attention backward on the CPU was half of a bf16 DP step of MiniLM (SNLI
+# pairs, ~30 tokens); the eager attention (two batched matmuls and a softmax) is faster there.
+CPU_BF16_ATTENTION = "eager"
+
+
+def _set_attention(model: nn.Module, impl: str) -> str | None:
+    """Switch a transformers model that uses SDPA to `impl`; returns what to restore, or None."""
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if current is None or current == impl or not hasattr(model, "set_attn_implementation"):
+        return None
+    if impl != "sdpa" and current != "sdpa":
+        return None  # only SDPA is replaced (flash-attention or custom kernels stay)
+    model.set_attn_implementation(impl)
+    return current
+
+
 @dataclass
 class PrivateStepStats:
     steps: int
@@ -126,6 +156,9 @@ class PrivateSession:
         clipping: str = "flat",
         history: Sequence[Sequence[float]] = (),
         noise_seed: int | None = None,
+        precision: str = "fp32",
+        lengths: Sequence[int] | None = None,
+        dropout: bool = True,
     ) -> None:
         if clipping not in GRAD_SAMPLE_MODES and clipping != "functorch":
             raise PrivacyError(f"clipping {clipping!r}: allowed values are {', '.join(GRAD_SAMPLE_MODES)}")
@@ -144,6 +177,14 @@ class PrivateSession:
         self.grad_sample_mode = GRAD_SAMPLE_MODES.get(clipping, clipping)
         self._initial_history = [tuple(e) for e in history]
         self.noise_seed = noise_seed
+        if lengths is not None and len(lengths) != num_examples:
+            raise PrivacyError(f"lengths: {len(lengths)} values for {num_examples} examples")
+        self.lengths = None if lengths is None else list(lengths)
+        device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, device)
+        if self.precision == "bf16" and self.grad_sample_mode != "hooks":
+            raise PrivacyError(f"precision bf16 needs clipping = 'flat' (opacus hooks), not {clipping!r}")
+        self.dropout = dropout
         self.loss = SequenceLoss()
         self._engine: PrivacyEngine | None = None
 
@@ -152,6 +193,10 @@ class PrivateSession:
     def __enter__(self) -> "PrivateSession":
         check_compatible(self.model)
         self.model.train()
+        self._islands = precision_islands(self.model, dropout=self.dropout) if self.precision == "bf16" or not self.dropout else None
+        self._attention = None
+        if self.precision == "bf16" and next(self.model.parameters()).device.type == "cpu":
+            self._attention = _set_attention(self.model, CPU_BF16_ATTENTION)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         index = DataLoader(TensorDataset(torch.arange(self.num_examples)), batch_size=self.batch_size)
         self.sample_rate = 1.0 / len(index)
@@ -182,6 +227,10 @@ class PrivateSession:
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.cleanup()
+        if self._islands is not None:
+            self._islands.restore()
+        if self._attention is not None:
+            _set_attention(self.model, self._attention)
         for p in self._params:
             p.grad = None
             for attr in _OPACUS_PARAM_ATTRS:
@@ -224,40 +273,33 @@ class PrivateSession:
         losses: list[float] = []
         loss_sum, loss_n = 0.0, 0
         while done < steps:
-            with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch_size, optimizer=opt) as physical:
-                for (idx,) in physical:
-                    for group in opt.param_groups:
-                        group["lr"] = lr_for_step(first_step + done)
-                    if idx.numel() == 0:
-                        self._empty_backward()
-                    else:
-                        batch = {k: v.to(device) for k, v in make_batch(idx.tolist()).items()}
-                        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                        loss = self._criterion(logits, batch["labels"])
-                        value = float(loss.detach())
-                        if value != value or value in (float("inf"), float("-inf")):
-                            raise FloatingPointError(f"private training loss is {value} at step {first_step + done}")
-                        with _quiet():
-                            loss.backward()
-                        n = int(idx.numel())
-                        loss_sum, loss_n = loss_sum + value * n, loss_n + n
-                        examples += n
-                        tokens += int(batch["attention_mask"].sum())
-                    opt.step()
-                    stepped = not opt._is_last_step_skipped
-                    opt.zero_grad(set_to_none=True)
-                    if not stepped:
-                        continue
-                    done += 1
-                    if loss_n:
-                        losses.append(loss_sum / loss_n)
-                    else:
-                        empty += 1
-                    if on_step is not None:
-                        on_step(losses[-1] if loss_n else float("nan"))
-                    loss_sum, loss_n = 0.0, 0
-                    if done == steps:
-                        break
+            for idx in physical_batches(self.loader, self.physical_batch_size, opt, self.lengths):
+                for group in opt.param_groups:
+                    group["lr"] = lr_for_step(first_step + done)
+                if not idx:
+                    self._empty_backward()
+                else:
+                    batch = {k: v.to(device) for k, v in make_batch(idx).items()}
+                    loss = self._forward_backward(batch, first_step + done)
+                    n = len(idx)
+                    loss_sum, loss_n = loss_sum + loss * n, loss_n + n
+                    examples += n
+                    tokens += int(batch["attention_mask"].sum())
+                opt.step()
+                stepped = not opt._is_last_step_skipped
+                opt.zero_grad(set_to_none=True)
+                if not stepped:
+                    continue
+                done += 1
+                if loss_n:
+                    losses.append(loss_sum / loss_n)
+                else:
+                    empty += 1
+                if on_step is not None:
+                    on_step(losses[-1] if loss_n else float("nan"))
+                loss_sum, loss_n = 0.0, 0
+                if done == steps:
+                    break
         return PrivateStepStats(
             steps=done,
             mean_loss=sum(losses) / len(losses) if losses else float("nan"),
@@ -265,3 +307,29 @@ class PrivateSession:
             examples=examples,
             empty_batches=empty,
         )
+
+    def _forward_backward(self, batch: Mapping[str, Tensor], step: int) -> float:
+        """One micro-batch: the encoder under the session's autocast, the loss in fp32."""
+        with autocast_context(batch["labels"].device, self.precision):
+            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = self._criterion(logits, batch["labels"])
+        value = float(loss.detach())
+        if value != value or value in (float("inf"), float("-inf")):
+            raise FloatingPointError(f"private training loss is {value} at step {step}")
+        with _quiet():
+            loss.backward()
+        return value
+
+    def sample_gradient_norms(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Per-example norms of the (unclipped) gradient over every trainable tensor, for one batch.
+
+        What opacus clips; for tests and diagnostics. Leaves no gradient behind.
+        """
+        device = next(self.model.parameters()).device
+        self._forward_backward({k: v.to(device) for k, v in batch.items()}, -1)
+        flat = [self.dp_optimizer._get_flat_grad_sample(p).flatten(1) for p in self._params]
+        norms = torch.cat(flat, dim=1).norm(dim=1)
+        self.dp_optimizer.zero_grad(set_to_none=True)
+        for p in self._params:
+            p.grad_sample = None
+        return norms

@@ -7,6 +7,10 @@ three disjoint parts: eval (`eval_fraction`), a small "public" part (`public_fra
 differentially private run may use for its initialization without spending privacy budget
 (task "snli-public"), and train (the rest). Rows whose gold label is "-" (no annotator
 majority) are dropped, as in every SNLI paper.
+
+For tuning (learning rate, clipping norm), `tune=True` holds out a seeded validation slice of
+the train part (`validation_fraction`): training reads the rest and evaluation reads the
+slice, so the eval part is never looked at while choosing hyperparameters.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ class SNLITask(Task):
         split_seed: int = 0,
         hub_eval_split: str = "validation",
         max_length: int = 128,
+        tune: bool = False,
+        validation_fraction: float = 0.1,
     ) -> None:
         if not 0 < eval_fraction < 1 or not 0 <= public_fraction < 1 or eval_fraction + public_fraction >= 1:
             raise ValueError(f"eval_fraction={eval_fraction}, public_fraction={public_fraction}: each in [0, 1), eval > 0, sum < 1")
@@ -112,14 +118,29 @@ class SNLITask(Task):
         self.eval_fraction, self.public_fraction, self.split_seed = eval_fraction, public_fraction, split_seed
         self.hub_eval_split = hub_eval_split
         self.max_length = max_length
+        if not 0 < validation_fraction < 1:
+            raise ValueError(f"validation_fraction={validation_fraction}: must be in (0, 1)")
+        self.tune, self.validation_fraction = tune, validation_fraction
         self._parts: dict[str, list[PairExample]] | None = None
 
     # --- data ----------------------------------------------------------------------------
 
     def parts(self) -> dict[str, list[PairExample]]:
-        """{"train", "public", "eval"}: read once, split once."""
+        """{"train", "public", "eval"}: read once, split once.
+
+        With tune=True, a seeded validation slice of the train part takes the place of "eval"
+        and is cut out of "train".
+        """
         if self._parts is None:
-            self._parts = self._load()
+            parts = self._load()
+            if self.tune:
+                train = parts["train"]
+                order = list(range(len(train)))
+                random.Random(self.split_seed + 1).shuffle(order)
+                held = set(order[: math.floor(len(train) * self.validation_fraction)])
+                parts["eval"] = [x for i, x in enumerate(train) if i in held]
+                parts["train"] = [x for i, x in enumerate(train) if i not in held]
+            self._parts = parts
         return self._parts
 
     def _load(self) -> dict[str, list[PairExample]]:
