@@ -12,6 +12,7 @@ from fedsb.commands.bench import bench
 from fedsb.commands.comm import comm
 from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
+from fedsb.commands.export import export_command
 from fedsb.commands.results import results
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -61,6 +62,7 @@ def demo(
 
 app.command("comm")(comm)
 app.command("eval")(evaluate_command)
+app.command("export")(export_command)
 app.command("results")(results)
 app.command("bench")(bench)
 app.command("privacy-table")(privacy_table)
