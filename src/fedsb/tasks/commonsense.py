@@ -108,8 +108,8 @@ def parse_options(instruction: str) -> tuple[str, tuple[str, ...]]:
     _, sep, rest = body.partition("question:")
     if not sep:
         raise ValueError(f"no 'question:' in the instruction {instruction[:60]!r}")
-    if labels in ((), ("true", "false")):
-        return rest.strip(), ()
+    if labels in ((), ("true", "false")):  # the question alone (no option block in the real files)
+        return rest.partition("\n\n")[0].strip(), ()
     starts, pos = [], 0
     for label in labels:
         marker = label[0].upper() + label[1:] + ":"
