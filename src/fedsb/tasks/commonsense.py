@@ -62,12 +62,10 @@ _FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)\s*$")
 PROTOCOLS = ("label", "text")
 
 # lm-eval's zero-shot prompts (tasks/arc, piqa, openbookqa, super_glue/boolq); BoolQ records
-# here carry no passage, so its "{passage}\n" line is absent (closed-book).
+# here carry no passage, so its "{passage}\n" line is absent (closed-book). Other records (SIQA,
+# a commonsense_170k file) get the ARC/PIQA form.
 _QA_PROMPT = "Question: {q}\nAnswer:"
-TEXT_PROMPTS: dict[str | None, str] = {
-    "arc_e": _QA_PROMPT, "arc_c": _QA_PROMPT, "piqa": _QA_PROMPT, "siqa": _QA_PROMPT,
-    "obqa": "{q}", "boolq": _QA_PROMPT, None: _QA_PROMPT,
-}
+TEXT_PROMPTS: dict[str, str] = {"arc_e": _QA_PROMPT, "arc_c": _QA_PROMPT, "piqa": _QA_PROMPT, "obqa": "{q}", "boolq": _QA_PROMPT}
 BOOL_CHOICES = ("no", "yes")  # lm-eval's BoolQ choices; gold "true" is "yes"
 
 
@@ -135,7 +133,7 @@ def text_rendering(instruction: str, family: str, benchmark: str | None) -> tupl
     question, options = parse_options(instruction)
     if family == "bool":
         question, options = question.rstrip("?").rstrip() + "?", BOOL_CHOICES
-    return TEXT_PROMPTS.get(benchmark, _QA_PROMPT).format(q=question), options
+    return TEXT_PROMPTS.get(benchmark or "", _QA_PROMPT).format(q=question), options
 
 
 def _text_gold(gold: str, family: str, labels: tuple[str, ...]) -> int:
@@ -178,7 +176,7 @@ def _eval_example(rec: dict[str, Any], benchmark: str | None, protocol: str = "l
         raise ValueError(f"answer {gold!r} is not among the options {'/'.join(labels)}")
     meta = {"family": family, "benchmark": benchmark, "label": gold}
     if protocol == "text":
-        prompt, texts = text_rendering(_instruction(rec), family, benchmark)
+        prompt, texts = text_rendering(rec["instruction"], family, benchmark)  # `input` is empty in these sets
         k = _text_gold(gold, family, labels)
         return EvalExample(prompt, texts[k], texts, k, meta)
     return EvalExample(_instruction(rec), gold, labels, labels.index(gold), meta)
