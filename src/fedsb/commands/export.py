@@ -89,7 +89,7 @@ def export_command(
     task_type = "SEQ_CLS" if kind == "classifier" else "CAUSAL_LM"
     export_peft_lora(net, out_dir, base_model=base_path, task_type=task_type, head_modules=config.get("head_modules"))
     write_readme(out_dir, adapter, config, base_path, how)
-    Console().print(f"peft adapter in {out_dir}; score it with:\n" + LM_EVAL.format(base=base_path, out=out_dir))
+    Console(soft_wrap=True).print(f"peft adapter in {out_dir}; score it with:\n" + LM_EVAL.format(base=base_path, out=out_dir))
 
 
 def write_readme(out_dir: Path, adapter: Path, config: dict[str, Any], base_path: str, how: str) -> None:
