@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from fedsb.evaluation import (
+    _split_request,
+    choice_picks,
     evaluate,
     generate,
     generate_with_stats,
@@ -324,3 +326,51 @@ def test_loglik_without_a_cache_scores_each_option_alone(model, tok):
     alone = loglik_scores(_NoCache(model), tok, prompts, options, batch_size=4, precision="fp32")
     for a, b in zip(shared, alone):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- lm-eval conventions
+
+
+def test_choice_picks_acc_and_length_normalized():
+    scores = [[-4.0, -6.0], [-3.0, -3.0], [-10.0, -9.0, -30.0]]
+    options = [["ab", "abcdef"], ["x", "y"], ["a", "bcdefghij", "k" * 40]]
+    # row 0: acc picks the shorter; per character -2 vs -1 picks the longer; ties: the first
+    assert choice_picks(scores, options) == ([0, 0, 1], [1, 0, 2])
+
+
+def test_split_request_is_lm_evals_encode_pair(tok):
+    """lm-eval: trailing spaces move to the continuation; continuation = whole[len(context):]."""
+    for ctx, cont in [("Question: why?\nAnswer:", " because it rains"), ("the correct answer is ", "answer3"),
+                      ("Hello wor", "ld peace"), ("x", " y")]:
+        n = len(ctx) - len(ctx.rstrip())
+        c, o = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+        c_ids, whole = tok(c)["input_ids"], tok(c + o)["input_ids"]
+        expected = c_ids + whole[len(c_ids):]
+        assert _split_request(tok, ctx, cont) == (expected, len(whole) - len(c_ids))
+
+
+class TextChoiceTask(ChoiceTask):
+    loglik_prefix: ClassVar[str] = ""
+    target_delimiter: ClassVar[str] = " "
+    headline_metric: ClassVar[str] = "acc_norm"
+    protocol: ClassVar[str] = "text"
+
+
+def test_evaluate_loglik_reports_acc_and_acc_norm(model, tok):
+    examples = [
+        EvalExample("Question: a?\nAnswer:", "no", options=("yes", "no", "maybe so"), gold_index=1, meta={"id": "t:0"}),
+        EvalExample("Question: b?\nAnswer:", "red", options=("red", "blue sky"), gold_index=0, meta={"id": "t:1"}),
+    ]
+    res = evaluate(model, tok, TextChoiceTask(), examples, mode="loglik", progress=False, precision="fp32", details=True)
+    prompts = [ex.instruction + "\n" for ex in examples]  # EchoTask's "plain" template
+    scores = loglik_scores(model, tok, prompts, [[" " + o for o in ex.options] for ex in examples], precision="fp32")
+    acc, norm = choice_picks(scores, [ex.options for ex in examples])
+    assert [e["scores"] for e in res["examples"]] == scores
+    assert [e["acc_pick"] for e in res["examples"]] == acc and [e["acc_norm_pick"] for e in res["examples"]] == norm
+    hits = {"acc": sum(k == ex.gold_index for k, ex in zip(acc, examples)),
+            "acc_norm": sum(k == ex.gold_index for k, ex in zip(norm, examples))}
+    assert res["metrics"]["acc"] == hits["acc"] / 2 and res["metrics"]["acc_norm"] == hits["acc_norm"] / 2
+    assert res["correct"] == hits["acc_norm"] and res["headline"] == "acc_norm" and res["protocol"] == "text"
+    assert res["intervals"]["acc"] == pytest.approx(list(wilson_interval(hits["acc"], 2)))
+    assert res["precision"] == "fp32" and res["precision_used"] == "as_is"
+    assert [e["id"] for e in res["examples"]] == ["t:0", "t:1"]

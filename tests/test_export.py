@@ -132,3 +132,18 @@ def test_peft_export_same_logits_without_fedsb(tmp_path):
     )
     got = torch.load(tmp_path / "o.pt", weights_only=True)
     assert (got - expected).abs().max() <= 1e-4
+
+
+def test_peft_target_modules_short_only_when_they_match_exactly(tmp_path):
+    import stat
+
+    model = trained_llama()
+    export_peft_lora(model, tmp_path / "all")
+    config = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(PROJ)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in (tmp_path / "all").iterdir())
+    partial = tiny_causal_lm("llama", seed=0)
+    inject_adapters(partial, ["model.layers.0.self_attn.q_proj"], rank=2)
+    export_peft_lora(partial, tmp_path / "one")
+    config = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]  # "q_proj" would take layer 1 too

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedsb.tasks import get_task
-from fedsb.tasks.commonsense import BENCHMARKS, extract_choice, label_family, option_labels
+from fedsb.tasks.commonsense import BENCHMARKS, _eval_example, extract_choice, label_family, option_labels, parse_options
 from fedsb.tasks.io import DataFormatError, default_data_root
 from fixtures_tasks import write_json
 
@@ -186,3 +186,47 @@ def test_fixture_format_matches_real_records():
         pytest.skip("no ../shared/data")
     real = json.loads((DATA / "commonsense" / "ARC-Challenge" / "test.json").read_text())[0]
     assert set(real) == set(_rec("q", ["answer1"], "answer1"))
+
+
+# --------------------------------------------------------------------------- "text" protocol
+
+
+def test_parse_options_of_each_record_shape():
+    arc = _rec("Why?", ["answer1", "answer2", "answer3"], "answer2")["instruction"]
+    assert parse_options(arc) == ("Why?", ("text0", "text1", "text2"))
+    piqa = ("Please choose the correct solution to the question: fix it\n\nSolution1: glue \n\n"
+            "Solution2: tape it\n\nAnswer format: solution1/solution2")
+    assert parse_options(piqa) == ("fix it", ("glue", "tape it"))
+    boolq = "Please answer the following question with true or false, question: is it?\n\nAnswer format: true/false"
+    assert parse_options(boolq) == ("is it?", ())
+    with pytest.raises(ValueError, match="Answer3"):
+        parse_options(arc.replace("Answer3:", "Answer9:"))
+
+
+def test_text_protocol_renders_as_lm_eval(root):
+    task = get_task("arc_c", data_root=root, protocol="text")
+    assert (task.template, task.loglik_prefix, task.target_delimiter, task.headline_metric) == ("raw", "", " ", "acc_norm")
+    ev = task.eval_examples()
+    assert ev[0].instruction == "Question: a0\nAnswer:" and ev[0].options == ("text0", "text1", "text2")
+    assert ev[0].gold == "text2" and ev[0].gold_index == 2 and ev[0].meta["label"] == "answer3"
+    assert [e.meta["id"] for e in ev] == ["arc_c:0", "arc_c:1"]
+    train = task.train_examples()
+    assert (train[0].instruction, train[0].response, train[0].key) == ("Question: a0\nAnswer:", " text2", "answer3")
+    assert task.score(" text2\n", ev[0]) == {"correct": True} and task.score("text1", ev[0]) == {"correct": False}
+    b = get_task("boolq", data_root=root, protocol="text").eval_examples()
+    assert b[0].instruction == "Question: b0?\nAnswer:" and b[0].options == ("no", "yes")
+    assert [e.gold_index for e in b[:2]] == [1, 0]  # true -> yes, false -> no
+    obqa = _eval_example(_rec("The sun is", ["answer1", "answer2"], "answer1"), "obqa", "text")
+    assert obqa.instruction == "The sun is"  # lm-eval's openbookqa: the question stem alone
+    with pytest.raises(ValueError, match="protocol 'label'"):
+        get_task("hellaswag", data_root=root, protocol="text").eval_examples()
+    with pytest.raises(ValueError, match="protocol = 'texts'"):
+        get_task("arc_c", protocol="texts")
+
+
+def test_text_protocol_mix_trains_on_option_text(root):
+    mix = get_task("commonsense_mix", data_root=root, protocol="text")
+    mix.benchmarks = ("boolq", "arc_c")
+    train = mix.train_examples()
+    assert {e.response for e in train} == {" yes", " no", " text2", " text4"}
+    assert {e.meta["id"].split(":")[0] for e in mix.eval_examples()} == {"boolq", "arc_c"}

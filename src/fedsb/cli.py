@@ -19,6 +19,7 @@ from fedsb.commands.bench import bench
 from fedsb.commands.comm import comm
 from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
+from fedsb.commands.export import export_command
 from fedsb.commands.results import results
 from fedsb.errors import FedsbError, debug_enabled
 
@@ -113,6 +114,7 @@ def demo(
 
 app.command("comm")(comm)
 app.command("eval")(evaluate_command)
+app.command("export")(export_command)
 app.command("results")(results)
 app.command("bench")(bench)
 app.command("privacy-table")(privacy_table)

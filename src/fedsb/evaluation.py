@@ -387,22 +387,23 @@ def generate(
 def _split_request(tokenizer: Any, context: str, option: str) -> tuple[list[int], int]:
     """(token ids of context+option, number of option tokens at the end).
 
-    As lm-evaluation-harness: trailing whitespace moves from the context to the option (BPE
-    vocabularies attach a space to the following word), and the option tokens are what
-    tokenizing the whole string adds beyond the context's tokens. Where the two merge into one
-    token ("are" + "a" -> "area") the option is tokenized on its own instead.
+    lm-evaluation-harness's `_encode_pair` (0.4.13): trailing whitespace moves from the context
+    to the option (BPE vocabularies attach a space to the following word), the whole string is
+    encoded, and the option's tokens are whatever it has beyond the context's own token count;
+    the model sees the context's tokens followed by those. Only where that leaves nothing (the
+    option merged into the context's last token, which lm-eval would score as log 1 = 0) is the
+    option tokenized on its own instead.
     """
     n_ws = len(context) - len(context.rstrip())
     if n_ws:
         context, option = context[:-n_ws], context[-n_ws:] + option
     ctx = _encode(tokenizer, context)
-    whole = _encode(tokenizer, context + option)
-    if whole[: len(ctx)] != ctx or len(whole) <= len(ctx):
-        whole = ctx + list(tokenizer(option, add_special_tokens=False)["input_ids"])
-    n_opt = len(whole) - len(ctx)
-    if n_opt <= 0 or not ctx:
+    cont = _encode(tokenizer, context + option)[len(ctx):]
+    if not cont:
+        cont = list(tokenizer(option, add_special_tokens=False)["input_ids"])
+    if not cont or not ctx:
         raise ValueError(f"cannot score option {option!r} after context {context[-40:]!r}")
-    return whole, n_opt
+    return ctx + cont, len(cont)
 
 
 def loglik_scores(
@@ -517,6 +518,21 @@ def loglik_choices(
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
+def choice_picks(scores: Sequence[Sequence[float]], options: Sequence[Sequence[str]]) -> tuple[list[int], list[int]]:
+    """lm-eval's multiple-choice picks: (acc, acc_norm) argmaxes, the first option on ties.
+
+    acc ranks the summed log-likelihoods; acc_norm ranks them divided by the option's length,
+    which lm-eval 0.4.13 takes as `len(choice)`: the characters of the option text without the
+    target delimiter (its docs say bytes; they are the same for ASCII; `acc_bytes` is the byte one).
+    """
+    acc, norm = [], []
+    for row, opts in zip(scores, options, strict=True):
+        acc.append(max(range(len(row)), key=row.__getitem__))
+        normed = [s / float(len(o)) for s, o in zip(row, opts, strict=True)]
+        norm.append(max(range(len(normed)), key=normed.__getitem__))
+    return acc, norm
+
+
 # --------------------------------------------------------------------------- evaluate
 
 def task_template(task: Task, template: str | None = None) -> str:
@@ -536,17 +552,24 @@ def evaluate(
     mode: str = "generate",
     progress: bool = True,
     precision: str = "auto",
+    details: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of `model` on `examples`, with a Wilson 95% interval and throughput.
 
-    mode="generate" grades greedy generations with `task.score`; mode="loglik" ranks each
-    example's options (after `task.loglik_prefix`) and grades the winner's text the same way.
-    Every key score() returns becomes a metric (mean over the examples that report it).
+    mode="generate" grades greedy generations with `task.score`. mode="loglik" is lm-eval's
+    multiple choice: each option (after `task.loglik_prefix` and the task's
+    `target_delimiter`) is scored by log-likelihood, and `acc` and `acc_norm` (see
+    `choice_picks`) are reported with their intervals; the task's `headline_metric` (default
+    acc) is the headline `accuracy`, and its pick's text is graded by score() for the other
+    keys. Every key score() returns becomes a metric (mean over the examples that report it).
+    details=True adds each example's id, option scores and picks (loglik mode).
     """
     tpl = task_template(task, template)
     prompts = [render_prompt(ex.instruction, tpl, tokenizer) for ex in examples]
     start = time.perf_counter()
     tokens = 0
+    picks: dict[str, list[int]] = {}
+    headline = getattr(task, "headline_metric", "acc")
     if mode == "generate":
         gens = generate_with_stats(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens or task.max_new_tokens,
@@ -558,11 +581,14 @@ def evaluate(
     elif mode == "loglik":
         if any(not ex.options for ex in examples):
             raise ValueError(f"mode='loglik' needs options on every example; {task.name} has none")
-        picks = loglik_choices(
+        delim = getattr(task, "target_delimiter", "")
+        scores = loglik_scores(
             model, tokenizer, [p + task.loglik_prefix for p in prompts],
-            [ex.options for ex in examples], batch_size, precision=precision, progress=progress,
+            [[delim + o for o in ex.options] for ex in examples], batch_size,
+            precision=precision, progress=progress,
         )
-        predictions = [ex.options[k] for ex, k in zip(examples, picks)]
+        picks = dict(zip(("acc", "acc_norm"), choice_picks(scores, [ex.options for ex in examples])))
+        predictions = [ex.options[k] for ex, k in zip(examples, picks[headline])]
     else:
         raise ValueError(f"unknown mode {mode!r}; allowed: generate, loglik")
     wall = time.perf_counter() - start
@@ -574,8 +600,23 @@ def evaluate(
             sums[key] = sums.get(key, 0) + int(bool(ok))
             counts[key] = counts.get(key, 0) + 1
     n = len(examples)
+    intervals: dict[str, list[float]] = {}
+    for key, chosen in picks.items():  # by index: option texts may repeat
+        sums[key] = sum(int(k == ex.gold_index) for k, ex in zip(chosen, examples))
+        counts[key] = n
+        intervals[key] = list(wilson_interval(sums[key], n))
+    if picks:
+        sums["correct"], counts["correct"] = sums[headline], n
     correct = sums.get("correct", 0)
     lo, hi = wilson_interval(correct, n)
+    extra: dict[str, Any] = {}
+    if mode == "loglik":
+        extra = {"protocol": getattr(task, "protocol", None), "headline": headline, "intervals": intervals}
+        if details:
+            extra["examples"] = [
+                {"id": ex.meta.get("id", i), "scores": row, "acc_pick": a, "acc_norm_pick": b, "gold_index": ex.gold_index}
+                for i, (ex, row, a, b) in enumerate(zip(examples, scores, picks["acc"], picks["acc_norm"]))
+            ]
     return {
         "task": task.name,
         "mode": mode,
@@ -590,5 +631,8 @@ def evaluate(
         "generated_tokens": tokens,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "examples_per_s": n / wall if wall > 0 else 0.0,
+        "precision": precision,
+        "precision_used": inference_precision(model, precision),  # as_is (the stored dtype), bf16, autocast
         "predictions": list(predictions),
+        **extra,
     }

@@ -193,6 +193,14 @@ def load_adapter(model: nn.Module, directory: str | Path, *, force: bool = False
     return model
 
 
+def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
+    """peft's `target_modules`: the short names ("q_proj") when they pick out exactly the adapted
+    modules of `model`, else the full names (peft matches a name or a ".name" suffix)."""
+    short = sorted({name.rpartition(".")[2] for name in adapted})
+    matching = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in short}
+    return short if matching == set(adapted) else sorted(adapted)
+
+
 def export_peft_lora(
     model: nn.Module,
     directory: str | Path,
@@ -201,7 +209,11 @@ def export_peft_lora(
     task_type: str = "CAUSAL_LM",
     head_modules: list[str] | None = None,
 ) -> Path:
-    """Write a standard peft LoRA adapter equivalent to the model's LoRA-SB (or LoRA) adapter."""
+    """Write a standard peft LoRA adapter equivalent to the model's LoRA-SB (or LoRA) adapter.
+
+    Files are world-readable (0644) like any published adapter; `base_model` should name weights
+    that reproduce the ones the adapter was trained on (see `fedsb export`).
+    """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model carries no adapter")
@@ -229,7 +241,7 @@ def export_peft_lora(
         "r": first.rank,
         "lora_alpha": first.alpha,
         "lora_dropout": 0.0,
-        "target_modules": sorted(layers),
+        "target_modules": peft_target_modules(model, list(layers)),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
@@ -240,6 +252,8 @@ def export_peft_lora(
     }
     atomic_save_tensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
     atomic_write_json(directory / "adapter_config.json", config)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (directory / name).chmod(0o644)  # mkstemp makes 0600 files
     return directory
 
 

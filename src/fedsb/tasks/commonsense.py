@@ -1,15 +1,22 @@
 """Commonsense reasoning benchmarks in the LLM-Adapters format (the LoRA-SB / Fed-SB setup).
 
 Each record is `instruction` (question, options, "Answer format: a/b/..."), `input`, `output`
-("the correct answer is answer3") and `answer` (the gold label). Generations are graded exactly
-as LLM-Adapters' commonsense_evaluate.py: the first match of the benchmark's label regex
-(case-sensitive) in the generated text must equal the gold label.
+("the correct answer is answer3") and `answer` (the gold label). Two scoring protocols:
+
+- "label" (the papers'): the prompt is the whole instruction (Alpaca template) and the options
+  are the labels ("answer1".."answer4") after "the correct answer is ". Generations are graded
+  as LLM-Adapters' commonsense_evaluate.py: the first match of the label regex (case-sensitive)
+  must equal the gold label.
+- "text" (lm-evaluation-harness's zero-shot tasks): the question alone in lm-eval's prompt for
+  the benchmark ("Question: ...\nAnswer:"), and each option's *text* scored as the continuation
+  after a " " (acc: summed log-likelihood; acc_norm: divided by the option's length). The same
+  prompts are in evals/lm_eval/, so lm-eval can referee the scores.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,6 +59,15 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 _FORMAT_LINE = re.compile(r"Answer format:\s*(\S+)\s*$")
 
+PROTOCOLS = ("label", "text")
+
+# lm-eval's zero-shot prompts (tasks/arc, piqa, openbookqa, super_glue/boolq); BoolQ records
+# here carry no passage, so its "{passage}\n" line is absent (closed-book). Other records (SIQA,
+# a commonsense_170k file) get the ARC/PIQA form.
+_QA_PROMPT = "Question: {q}\nAnswer:"
+TEXT_PROMPTS: dict[str, str] = {"arc_e": _QA_PROMPT, "arc_c": _QA_PROMPT, "piqa": _QA_PROMPT, "obqa": "{q}", "boolq": _QA_PROMPT}
+BOOL_CHOICES = ("no", "yes")  # lm-eval's BoolQ choices; gold "true" is "yes"
+
 
 def extract_choice(text: str, family: str) -> str | None:
     """LLM-Adapters' extraction: the first label of `family` in the stripped text."""
@@ -77,6 +93,55 @@ def option_labels(instruction: str, default: tuple[str, ...]) -> tuple[str, ...]
     return tuple(m.group(1).split("/")) if m else default
 
 
+def parse_options(instruction: str) -> tuple[str, tuple[str, ...]]:
+    """(question, option texts) of an LLM-Adapters instruction; no options for true/false.
+
+    The question follows "question:"; option k follows "Answerk:" (or "Solutionk:", ...), in
+    the order of the "Answer format" line. Checked on every offline record (26,910).
+    """
+    body, labels = instruction, option_labels(instruction, ())
+    m = re.search(r"\n\nAnswer format:[^\n]*\s*$", instruction)
+    if m:
+        body = instruction[: m.start()]
+    _, sep, rest = body.partition("question:")
+    if not sep:
+        raise ValueError(f"no 'question:' in the instruction {instruction[:60]!r}")
+    if labels in ((), ("true", "false")):  # the question alone (no option block in the real files)
+        return rest.partition("\n\n")[0].strip(), ()
+    starts, pos = [], 0
+    for label in labels:
+        marker = label[0].upper() + label[1:] + ":"
+        i = rest.find(marker, pos)
+        if i < 0:
+            raise ValueError(f"option {marker!r} not found in the instruction {instruction[:60]!r}")
+        starts.append((i, i + len(marker)))
+        pos = i + len(marker)
+    ends = [i for i, _ in starts[1:]] + [len(rest)]
+    options = tuple(rest[b:e].strip() for (_, b), e in zip(starts, ends))
+    if any(not o for o in options):
+        raise ValueError(f"an empty option in the instruction {instruction[:60]!r}")
+    return rest[: starts[0][0]].strip(), options
+
+
+def text_rendering(instruction: str, family: str, benchmark: str | None) -> tuple[str, tuple[str, ...]]:
+    """(prompt, option texts) of a record under the "text" protocol, as lm-eval renders it."""
+    if family not in ("answer", "solution", "bool"):
+        raise ValueError(
+            f"protocol 'text' is defined for ARC, OBQA, PIQA, SIQA and BoolQ records, not the "
+            f"{family!r} family (HellaSwag/WinoGrande score differently in lm-eval); use protocol 'label'"
+        )
+    question, options = parse_options(instruction)
+    if family == "bool":
+        question, options = question.rstrip("?").rstrip() + "?", BOOL_CHOICES
+    return TEXT_PROMPTS.get(benchmark or "", _QA_PROMPT).format(q=question), options
+
+
+def _text_gold(gold: str, family: str, labels: tuple[str, ...]) -> int:
+    if family == "bool":
+        return BOOL_CHOICES.index("yes" if gold == "true" else "no")
+    return labels.index(gold)
+
+
 def _family_labels(family: str, gold: str) -> tuple[str, ...]:
     """Labels to rank when a record has no "Answer format" line: the family's usual set."""
     if family == "bool":
@@ -90,31 +155,47 @@ def _instruction(rec: dict[str, Any]) -> str:
     return f"{rec['instruction']}\n\n{extra}" if extra.strip() else rec["instruction"]
 
 
-def _train_example(rec: dict[str, Any]) -> Example:
+def _train_example(rec: dict[str, Any], benchmark: str | None = None, protocol: str = "label") -> Example:
     gold = rec["answer"].strip()
     label_family(gold)
+    if protocol == "text":  # prompt and target exactly as scored: " " + the gold option's text
+        ex = _eval_example(rec, benchmark, "text")
+        return Example(ex.instruction, " " + ex.gold, key=gold)
     response = (rec.get("output") or "").strip() or f"the correct answer is {gold}"
     return Example(_instruction(rec), response, key=gold)
 
 
-def _eval_example(rec: dict[str, Any], benchmark: str | None) -> EvalExample:
+def _eval_example(rec: dict[str, Any], benchmark: str | None, protocol: str = "label") -> EvalExample:
     gold = rec["answer"].strip()
     family = BENCHMARKS[benchmark].family if benchmark else label_family(gold)
     if FAMILY_PATTERNS[family].fullmatch(gold) is None:
         raise ValueError(f"answer {gold!r} is not a {family} label")
     default = BENCHMARKS[benchmark].labels if benchmark else _family_labels(family, gold)
-    options = option_labels(rec["instruction"], default)
-    if gold not in options:
-        raise ValueError(f"answer {gold!r} is not among the options {'/'.join(options)}")
-    meta = {"family": family, "benchmark": benchmark}
-    return EvalExample(_instruction(rec), gold, options, options.index(gold), meta)
+    labels = option_labels(rec["instruction"], default)
+    if gold not in labels:
+        raise ValueError(f"answer {gold!r} is not among the options {'/'.join(labels)}")
+    meta = {"family": family, "benchmark": benchmark, "label": gold}
+    if protocol == "text":
+        prompt, texts = text_rendering(rec["instruction"], family, benchmark)  # `input` is empty in these sets
+        k = _text_gold(gold, family, labels)
+        return EvalExample(prompt, texts[k], texts, k, meta)
+    return EvalExample(_instruction(rec), gold, labels, labels.index(gold), meta)
+
+
+def _with_ids(examples: list[EvalExample], prefix: str) -> list[EvalExample]:
+    """Each example's place in its file ("arc_e:12"), so a subset names the records it used."""
+    return [replace(ex, meta={**ex.meta, "id": f"{prefix}:{i}"}) for i, ex in enumerate(examples)]
 
 
 _REQUIRED = ("instruction", "answer")
 
 
 class CommonsenseTask(Task):
-    """One LLM-Adapters commonsense benchmark; Example.key is the gold label."""
+    """One LLM-Adapters commonsense benchmark; Example.key is the gold label.
+
+    `protocol` ("label" or "text", see the module docstring) decides the prompts, the options,
+    the training targets and the headline metric (acc for labels, acc_norm for option text).
+    """
 
     benchmark: ClassVar[str]
     default_template: ClassVar[str] = "alpaca"
@@ -128,35 +209,49 @@ class CommonsenseTask(Task):
         eval_path: str | Path | None = None,
         data_root: str | Path | None = None,
         template: str | None = None,
+        protocol: str = "label",
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol = {protocol!r}: allowed {', '.join(PROTOCOLS)}")
         self.path, self.eval_path, self.data_root = path, eval_path, data_root
-        self.template = template or self.default_template
+        self.protocol = protocol
+        if protocol == "text":  # lm-eval's conventions: bare prompt, " " + option text
+            self.template = template or "raw"
+            self.loglik_prefix, self.target_delimiter = "", " "
+            self.headline_metric = "acc_norm"
+            self.stop_strings = ("\n",)
+        else:
+            self.template = template or self.default_template
+            self.target_delimiter, self.headline_metric = "", "acc"
 
     def _rel(self, split: str) -> str:
         return f"commonsense/{BENCHMARKS[self.benchmark].folder}/{split}.json"
 
     def train_examples(self, limit: int | None = None, seed: int = 0) -> list[Example]:
         data = load_source(
-            f"{self.name} train", self.path, self._rel("train"), self.data_root,
-            hub=None, required=_REQUIRED, convert=_train_example,
+            f"{self.name} train", self.path, self._rel("train"), self.data_root, hub=None,
+            required=_REQUIRED, convert=lambda r: _train_example(r, self.benchmark, self.protocol),
         )
         return seeded_subset(data, limit, seed)
 
     def eval_examples(self, limit: int | None = None, seed: int = 0) -> list[EvalExample]:
         data = load_source(
-            f"{self.name} test", self.eval_path, self._rel("test"), self.data_root,
-            hub=None, required=_REQUIRED, convert=lambda r: _eval_example(r, self.benchmark),
+            f"{self.name} test", self.eval_path, self._rel("test"), self.data_root, hub=None,
+            required=_REQUIRED, convert=lambda r: _eval_example(r, self.benchmark, self.protocol),
         )
-        return seeded_subset(data, limit, seed)
+        return seeded_subset(_with_ids(data, self.name), limit, seed)
 
     def score(self, generation: str, example: EvalExample) -> dict[str, bool]:
+        if self.protocol == "text":  # the option text itself, as generated
+            return {"correct": generation.strip() == example.gold}
         return {"correct": extract_choice(generation, example.meta["family"]) == example.gold}
 
 
 for _name in BENCHMARKS:
     register_task(_name)(
         type(f"Commonsense_{_name}", (CommonsenseTask,), {"benchmark": _name, "__doc__":
-             f"LLM-Adapters {BENCHMARKS[_name].folder}; Example.key is the gold label."})
+             f"LLM-Adapters {BENCHMARKS[_name].folder}; Example.key is the gold label; "
+             f"protocol 'label' or 'text'."})
     )
 
 
@@ -187,24 +282,24 @@ class CommonsenseMix(CommonsenseTask):
 
     def train_examples(self, limit: int | None = None, seed: int = 0) -> list[Example]:
         if self.path is not None:
-            data = load_source("commonsense_170k", self.path, None, None, hub=None,
-                               required=_REQUIRED, convert=_train_example)
+            data = load_source("commonsense_170k", self.path, None, None, hub=None, required=_REQUIRED,
+                               convert=lambda r: _train_example(r, None, self.protocol))
         else:
             data = []
-            for _, p in self._available("train"):
+            for name, p in self._available("train"):
                 data += load_source(str(p), p, None, None, hub=None, required=_REQUIRED,
-                                    convert=_train_example)
+                                    convert=lambda r, n=name: _train_example(r, n, self.protocol))
         return seeded_subset(data, limit, seed)
 
     def eval_examples(self, limit: int | None = None, seed: int = 0) -> list[EvalExample]:
         if self.eval_path is not None:
-            data = load_source("commonsense test", self.eval_path, None, None, hub=None,
-                               required=_REQUIRED, convert=lambda r: _eval_example(r, None))
+            data = _with_ids(load_source("commonsense test", self.eval_path, None, None, hub=None, required=_REQUIRED,
+                                         convert=lambda r: _eval_example(r, None, self.protocol)), "test")
         else:
             data = []
             for name, p in self._available("test"):
-                data += load_source(str(p), p, None, None, hub=None, required=_REQUIRED,
-                                    convert=lambda r, n=name: _eval_example(r, n))
+                data += _with_ids(load_source(str(p), p, None, None, hub=None, required=_REQUIRED,
+                                              convert=lambda r, n=name: _eval_example(r, n, self.protocol)), name)
         return seeded_subset(data, limit, seed)
 
     def score(self, generation: str, example: EvalExample) -> dict[str, bool]:

@@ -19,9 +19,10 @@ _STATIC = {
     + "### Instruction:\n{instruction}\n\n### Response: Let's think step by step.",
     "alpaca": ALPACA_HEADER + "### Instruction:\n{instruction}\n\n### Response:\n",
     "plain": "{instruction}\n",
+    "raw": "{instruction}",  # the instruction is already the whole prompt (lm-eval style tasks)
 }
 
-TEMPLATES: tuple[str, ...] = ("alpaca_math", "alpaca", "chat", "plain")
+TEMPLATES: tuple[str, ...] = ("alpaca_math", "alpaca", "chat", "plain", "raw")
 
 
 def render_prompt(instruction: str, template: str, tokenizer: Any = None) -> str:
