@@ -13,6 +13,7 @@ from fedsb.commands.comm import comm
 from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
 from fedsb.commands.results import results
+from fedsb.commands.sweep import sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -64,6 +65,7 @@ app.command("eval")(evaluate_command)
 app.command("results")(results)
 app.command("bench")(bench)
 app.command("privacy-table")(privacy_table)
+app.command("sweep")(sweep)
 
 
 def main() -> None:  # pragma: no cover
