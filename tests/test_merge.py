@@ -45,7 +45,7 @@ def test_merged_outputs_equal_unmerged_and_weights_restore_bit_exactly(tok, kind
             assert n == len(adapter_layers(model))
             merged = model(x).logits
             assert all(layer.merged for layer in adapter_layers(model).values())
-    assert torch.allclose(merged, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(merged, ref, atol=1e-4, rtol=0)  # fp32 rounding of W + BRA vs the two paths
     assert not any(layer.merged for layer in adapter_layers(model).values())
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())

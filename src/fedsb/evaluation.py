@@ -97,6 +97,27 @@ def bf16_weights(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
+    """Make the LM head's input contiguous for the call.
+
+    With `logits_to_keep=1` the head gets `hidden[:, -1:, :]`, a strided view; on CPU in bf16,
+    `linear` then cannot fold the batch into one matmul and broadcasts the (tied, 49k x 576)
+    weight to every row before a bmm: a copy of batch x 28M values that took 77% of a bf16
+    prefill (measured: 32 of 42 s for 8 GSM8K prompts). A contiguous input takes the plain mm.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Linear):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def _inference(model: torch.nn.Module, precision: str, merge: bool = False) -> Iterator[None]:
     """eval mode + inference_mode + the precision; restores training mode and weights.
 
@@ -120,7 +141,7 @@ def _inference(model: torch.nn.Module, precision: str, merge: bool = False) -> I
     )
     model.eval()
     try:
-        with merged, weights, torch.inference_mode(), cast:
+        with merged, weights, contiguous_head_input(model), torch.inference_mode(), cast:
             yield
     finally:
         model.train(was_training)

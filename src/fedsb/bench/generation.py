@@ -3,7 +3,8 @@
 The model carries LoRA-SB adapters, as it does when the federation evaluates, and generation
 goes through `fedsb.evaluation.generate_with_stats` (the engine behind `generate`) with the
 task's stop strings; the adapters are merged into the weights for the call (the default). The
-largest batch also runs unmerged ("before"), interleaved with the merged runs, and
+largest batch also runs as before the speed work ("before": unmerged, strided LM-head input),
+interleaved with the merged runs, and
 `agreement` compares greedy texts on `agreement_prompts` prompts: unmerged fp32 (the
 reference) against merged fp32 and merged in the benchmark's precision. Only tokens up to EOS
 count: work spent on sequences of a batch that already finished is included in the time.
@@ -11,10 +12,21 @@ count: work spent on sequences of a batch that already finished is included in t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fedsb.bench.timing import interleave, load_average, spread, summarize
+
+
+@contextlib.contextmanager
+def _before_fixes() -> Iterator[None]:
+    """The generation path as it was before the speed work: adapters unmerged (merge=False at
+    the call) and the LM head fed a strided view (no `contiguous_head_input`)."""
+    from unittest import mock
+
+    with mock.patch("fedsb.evaluation.contiguous_head_input", lambda model: contextlib.nullcontext()):
+        yield
 
 
 def gsm8k_prompts(tokenizer: Any, limit: int) -> tuple[list[str], tuple[str, ...]]:
@@ -56,12 +68,13 @@ def measure_generation(
     fns = {}
     largest = max(batch_sizes)
     cases = [(f"batch {bs}", bs, True) for bs in batch_sizes] + [(f"batch {largest} unmerged (before)", largest, False)]
-    for key, bs, merge in cases:
+    for key, bs, after in cases:
         subset = texts[: prompts_batch1] if bs == 1 else texts
         tokens[key] = []
 
-        def run(subset: list[str] = subset, bs: int = bs, key: str = key, merge: bool = merge) -> None:
-            out = generate_with_stats(model, tok, subset, max_new_tokens=max_new_tokens, stop_strings=stops, batch_size=bs, progress=False, precision=precision, merge=merge)
+        def run(subset: list[str] = subset, bs: int = bs, key: str = key, after: bool = after) -> None:
+            with contextlib.nullcontext() if after else _before_fixes():
+                out = generate_with_stats(model, tok, subset, max_new_tokens=max_new_tokens, stop_strings=stops, batch_size=bs, progress=False, precision=precision, merge=after)
             tokens[key].append(out.tokens)
 
         fns[key] = run

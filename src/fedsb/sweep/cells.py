@@ -10,8 +10,10 @@ Folder layout under the sweep's `out`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -27,13 +29,24 @@ def cell_dir(sweep: Sweep, cell: Cell) -> Path:
     return sweep.out / cell.id
 
 
-def is_done(sweep: Sweep, cell: Cell) -> bool:
-    return (cell_dir(sweep, cell) / SUMMARY).exists()
+def fingerprint(sweep: Sweep, cell: Cell) -> str:
+    """SHA-256 of the cell's full experiment config: an edited sweep file invalidates old cells."""
+    from fedsb.config import dump_config
+
+    return hashlib.sha256(dump_config(sweep.cell_config(cell)).encode()).hexdigest()
 
 
 def read_summary(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
+    """The finished cell's summary, None if absent or made with a different config."""
     path = cell_dir(sweep, cell) / SUMMARY
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    out = json.loads(path.read_text())
+    return out if out.get("fingerprint") == fingerprint(sweep, cell) else None
+
+
+def is_done(sweep: Sweep, cell: Cell) -> bool:
+    return read_summary(sweep, cell) is not None
 
 
 def _alive(pid: int) -> bool:
@@ -100,6 +113,11 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
             return read_summary(sweep, cell)
         config = sweep.cell_config(cell)
         run = folder / RUN
+        stamp = folder / "fingerprint"
+        if run.exists() and (not stamp.exists() or stamp.read_text() != fingerprint(sweep, cell)):
+            shutil.rmtree(run)  # a partial run of an older config: start over
+            (folder / "attempts.jsonl").unlink(missing_ok=True)
+        stamp.write_text(fingerprint(sweep, cell))
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if (run / "summary.json").exists():
             summary = json.loads((run / "summary.json").read_text())
@@ -111,7 +129,7 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
             f.write(json.dumps(attempt) + "\n")
         attempts = [json.loads(line) for line in (folder / "attempts.jsonl").read_text().splitlines() if line]
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-        out = cell_summary(cell, config.federation.num_clients, summary, rows, attempts)
+        out = {**cell_summary(cell, config.federation.num_clients, summary, rows, attempts), "fingerprint": fingerprint(sweep, cell)}
         atomic_write_json(folder / SUMMARY, out)
         return out
     finally:
