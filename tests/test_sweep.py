@@ -192,3 +192,18 @@ def test_pareto_and_markdown_writer(sweep):
     fedit = next(line for line in md.splitlines() if line.startswith("| FedIT | 1 | 0.001 |"))
     assert fedit.count("yes") == 1  # dominated on upload, on the frontier for total bytes
     assert "| 2t1d | 3t2d |" in md and "80 (150)" in md
+
+
+def test_command_writes_the_report_and_rejects_bad_phases(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsb.cli import app
+
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    (tmp_path / "sweep.toml").write_text(SWEEP)
+    args = ["sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")]
+    result = CliRunner().invoke(app, [*args, "--phase", "report"])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "docs/frontier.md").read_text()
+    assert "No test run has finished yet" in md and "| Fed-SB | fedsb | 4 | 0.001, 0.01 |" in md
+    assert CliRunner().invoke(app, [*args, "--phase", "bogus"]).exit_code != 0

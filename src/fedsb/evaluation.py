@@ -254,6 +254,54 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def _growing_cache() -> Any:
+    """A DynamicCache whose layers append in place (None when transformers lacks the hooks)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+
+    class GrowingLayer(DynamicLayer):
+        """Keys and values in a buffer with spare room: a new token is written in place, where
+        DynamicLayer's `torch.cat` copies the whole cache on every decoding step (a fifth of a
+        step's time at batch 32)."""
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._n = 0
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, add = self._n, key_states.shape[-2]
+            if self._buf is None or n + add > self._buf[0].shape[-2]:
+                cap = max(2 * (n + add), n + add + 64)
+                grown = []
+                for old, new in zip(self._buf or (None, None), (key_states, value_states)):
+                    t = new.new_empty((*new.shape[:-2], cap, new.shape[-1]))
+                    if old is not None and n:
+                        t[..., :n, :] = old[..., :n, :]
+                    grown.append(t)
+                self._buf = (grown[0], grown[1])
+            self._buf[0][..., n:n + add, :] = key_states
+            self._buf[1][..., n:n + add, :] = value_states
+            self._n = n + add
+            self.keys, self.values = self._buf[0][..., : self._n, :], self._buf[1][..., : self._n, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self._n:
+                self._buf = (self._buf[0][indices], self._buf[1][indices])
+                self.keys, self.values = self._buf[0][..., : self._n, :], self._buf[1][..., : self._n, :]
+
+    cache = DynamicCache()
+    if getattr(cache, "layer_class_to_replicate", None) is not DynamicLayer or cache.layers:
+        return None
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
+
+
 def _greedy_decode(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -275,7 +323,9 @@ def _greedy_decode(
     if max_new_tokens <= 0:
         return new
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    grown = _growing_cache()
+    extra = {"cache": grown} if grown is not None else {}
+    out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
     cache = _cache_of(out)
     last = pos[:, -1:]
     active = list(range(rows))
