@@ -18,6 +18,7 @@ def tiny_settings(**changes) -> BenchSettings:
     s.rank, s.low_rank, s.init_ranks = 4, 2, [4, 8]
     s.batch, s.seq, s.repeats, s.warmup, s.matmul_n = 2, 8, 3, 0, 64
     s.gen_batch_sizes, s.gen_prompts, s.gen_prompts_batch1, s.gen_max_new_tokens = [1, 2], 2, 1, 2
+    s.gen_agreement_prompts = 3
     s.init_examples, s.init_batch_size = 2, 2
     s.round_clients, s.round_rounds, s.round_local_steps, s.round_eval_limit = 2, 1, 1, 2
     s.memory_variants, s.memory_precisions, s.memory_steps = 1, ["fp32"], 1
@@ -49,7 +50,8 @@ def test_in_process_sections_write_valid_json(tmp_path, monkeypatch):
     assert {"lorasb-r4/fp32", "lorasb-r4/bf16", "peft-r4/bf16", "peft-r2/fp32", "full/bf16"} <= set(train["runs"])
     assert all(len(r["wall_s"]["values"]) == 3 for r in train["runs"].values())
     assert "step_time lorasb-r4 / peft-r4 (bf16)" in train["ratios"]
-    assert set(saved["generate"]["runs"]) == {"batch 1", "batch 2"}
+    assert set(saved["generate"]["runs"]) == {"batch 1", "batch 2", "batch 2 unmerged (before)"}
+    assert saved["generate"]["agreement"]["merged fp32"] == 1.0  # merging does not change greedy texts
     assert {"gradient pass fp32", "gradient pass bf16", "svd rank 4", "svd rank 8"} == set(saved["init"]["runs"])
     assert saved["round"]["rounds"][0]["train_s"] > 0
     assert [t["target"] for t in results["targets"]]  # the targets this run measured are listed

@@ -21,6 +21,7 @@ from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
 from fedsb.commands.export import export_command
 from fedsb.commands.results import results
+from fedsb.commands.sweep import sweep
 from fedsb.errors import FedsbError, debug_enabled
 
 
@@ -118,6 +119,7 @@ app.command("export")(export_command)
 app.command("results")(results)
 app.command("bench")(bench)
 app.command("privacy-table")(privacy_table)
+app.command("sweep")(sweep)
 
 
 def main() -> None:  # pragma: no cover

@@ -63,13 +63,13 @@ class AdapterConfig:
 
 @dataclass
 class InitConfig:
-    method: str = "central"  # "central" (the paper), "federated" (sketches from clients), "random"
+    method: str = "central"  # "central" (the paper), "federated" (sketches from clients), "random", "svd" (local, of W)
     num_samples: int = 64  # examples for the gradient estimate
     batch_size: int = 8
     oversample: int = 10
     power_iters: int = 2
     data: str = "clients"  # central init: "clients" (pooled sample, the paper) or "public:<task>"
-    broadcast_dtype: str = "fp32"
+    broadcast_dtype: str = "fp32"  # B, A on the wire: fp32, bf16, fp16 or int8 (per-row scales)
     # Scale of the sign step U = -lr_eff sign(G). 0: train.lr / warm-up steps (the paper). Set it
     # when R's learning rate is far from full fine-tuning's, e.g. a few steps at lr 5e-3, where
     # the paper's rule would put a full-size step of 5e-3 on every weight and break the model.
@@ -82,8 +82,8 @@ class InitConfig:
     physical_tokens: int = 512
 
     def validate(self) -> None:
-        _one_of("init.method", self.method, ("central", "federated", "random"))
-        _one_of("init.broadcast_dtype", self.broadcast_dtype, ("fp32", "bf16", "fp16"))
+        _one_of("init.method", self.method, ("central", "federated", "random", "svd"))
+        _one_of("init.broadcast_dtype", self.broadcast_dtype, ("fp32", "bf16", "fp16", "int8"))
         _positive("init.num_samples", self.num_samples)
         _positive("init.batch_size", self.batch_size)
         _positive("init.oversample", self.oversample, zero_ok=True)

@@ -1,17 +1,32 @@
 """Evaluation speed: generated tokens/s of batched greedy generation on GSM8K prompts.
 
-The model carries unmerged LoRA-SB adapters, as it does when the federation evaluates, and
-generation goes through `fedsb.evaluation.generate_with_stats` (the engine behind `generate`)
-with the task's stop strings. Only tokens up to EOS count: work spent on sequences of a batch
-that already finished is the price of batching and is included in the time.
+The model carries LoRA-SB adapters, as it does when the federation evaluates, and generation
+goes through `fedsb.evaluation.generate_with_stats` (the engine behind `generate`) with the
+task's stop strings; the adapters are merged into the weights for the call (the default). The
+largest batch also runs as before the speed work ("before": unmerged, strided LM-head input),
+interleaved with the merged runs, and
+`agreement` compares greedy texts on `agreement_prompts` prompts: unmerged fp32 (the
+reference) against merged fp32 and merged in the benchmark's precision. Only tokens up to EOS
+count: work spent on sequences of a batch that already finished is included in the time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fedsb.bench.timing import interleave, load_average, spread, summarize
+
+
+@contextlib.contextmanager
+def _before_fixes() -> Iterator[None]:
+    """The generation path as it was before the speed work: adapters unmerged (merge=False at
+    the call) and the LM head fed a strided view (no `contiguous_head_input`)."""
+    from unittest import mock
+
+    with mock.patch("fedsb.evaluation.contiguous_head_input", lambda model: contextlib.nullcontext()):
+        yield
 
 
 def gsm8k_prompts(tokenizer: Any, limit: int) -> tuple[list[str], tuple[str, ...]]:
@@ -37,6 +52,7 @@ def measure_generation(
     precision: str = "auto",
     rank: int = 64,
     targets: Sequence[str] | None = None,
+    agreement_prompts: int = 50,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     from fedsb.adapter.inject import inject_adapters
@@ -50,13 +66,15 @@ def measure_generation(
     texts, stops = gsm8k_prompts(tok, prompts)
     tokens: dict[str, list[int]] = {}
     fns = {}
-    for bs in batch_sizes:
+    largest = max(batch_sizes)
+    cases = [(f"batch {bs}", bs, True) for bs in batch_sizes] + [(f"batch {largest} unmerged (before)", largest, False)]
+    for key, bs, after in cases:
         subset = texts[: prompts_batch1] if bs == 1 else texts
-        key = f"batch {bs}"
         tokens[key] = []
 
-        def run(subset: list[str] = subset, bs: int = bs, key: str = key) -> None:
-            out = generate_with_stats(model, tok, subset, max_new_tokens=max_new_tokens, stop_strings=stops, batch_size=bs, progress=False, precision=precision)
+        def run(subset: list[str] = subset, bs: int = bs, key: str = key, after: bool = after) -> None:
+            with contextlib.nullcontext() if after else _before_fixes():
+                out = generate_with_stats(model, tok, subset, max_new_tokens=max_new_tokens, stop_strings=stops, batch_size=bs, progress=False, precision=precision, merge=after)
             tokens[key].append(out.tokens)
 
         fns[key] = run
@@ -75,16 +93,41 @@ def measure_generation(
             "tokens_per_s": spread([t / x.wall for t, x in zip(toks, s)]),
         }
     ratios = {}
+    before_key = f"batch {largest} unmerged (before)"
+    ratios[f"tokens/s batch {largest} merged / unmerged"] = spread(
+        [(t / x.wall) / (t0 / x0.wall) for t, x, t0, x0 in zip(tokens[f"batch {largest}"][warmup:], samples[f"batch {largest}"], tokens[before_key][warmup:], samples[before_key])]
+    )
     if "batch 1" in samples:
         for key in samples:
-            if key != "batch 1":
+            if key not in ("batch 1", before_key):
                 ratios[f"tokens/s {key} / batch 1"] = spread(
                     [(t / x.wall) / (t1 / x1.wall) for t, x, t1, x1 in zip(tokens[key][warmup:], samples[key], tokens["batch 1"][warmup:], samples["batch 1"])]
                 )
+    agreement = greedy_agreement(model, tok, agreement_prompts, max_new_tokens, largest, precision) if agreement_prompts else {}
     return {
-        "model": model_name or "default", "adapter": f"LoRA-SB r={rank}, unmerged", "precision": precision,
+        "model": model_name or "default", "adapter": f"LoRA-SB r={rank}, merged for generation", "precision": precision,
+        "agreement": agreement,
         "max_new_tokens": max_new_tokens, "stop_strings": list(stops), "repeats": repeats,
         "runs": runs, "ratios": ratios, "load_average": {"before": before, "after": load_average()},
     }
 
 
+
+
+def greedy_agreement(model: Any, tok: Any, n: int, max_new_tokens: int, batch_size: int, precision: str) -> dict[str, Any]:
+    """Share of prompts whose greedy text equals the unmerged fp32 reference, per variant."""
+    from fedsb.evaluation import generate, inference_precision
+
+    texts, stops = gsm8k_prompts(tok, n)
+    kw = dict(max_new_tokens=max_new_tokens, stop_strings=stops, batch_size=batch_size, progress=False)
+    ref = generate(model, tok, texts, precision="fp32", merge=False, **kw)
+    variants = {"merged fp32": ("fp32", True)}
+    mode = inference_precision(model, precision)
+    if mode != "as_is":
+        variants[f"merged {mode}"] = (precision, True)
+        variants[f"unmerged {mode}"] = (precision, False)
+    out: dict[str, Any] = {"prompts": len(texts), "reference": "unmerged fp32"}
+    for name, (prec, merge) in variants.items():
+        got = generate(model, tok, texts, precision=prec, merge=merge, **kw)
+        out[name] = sum(a == b for a, b in zip(got, ref)) / max(len(ref), 1)
+    return out

@@ -128,6 +128,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         ]))
         if g["ratios"]:
             parts.append(_table(["ratio", "median (min-max)"], [[k, _mmm(v)] for k, v in g["ratios"].items()]))
+        agree = g.get("agreement") or {}
+        if agree:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in agree.items() if isinstance(v, float))
+            parts.append(f"Greedy texts identical to the {agree['reference']} reference on {agree['prompts']} prompts: {shares}.\n")
     if "init" in r:
         i = r["init"]
         parts.append(f"## Initialization ({i['examples']} GSM8K examples, {i['tokens']} tokens, batch {i['batch_size']}, {i['layers']} layers)\n")

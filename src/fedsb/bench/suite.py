@@ -39,6 +39,7 @@ class BenchSettings:
     gen_prompts: int = 32
     gen_prompts_batch1: int = 8
     gen_max_new_tokens: int = 64
+    gen_agreement_prompts: int = 50  # greedy texts merged/bf16 vs the unmerged fp32 reference
     init_examples: int = 16
     init_batch_size: int = 8
     init_ranks: list[int] = field(default_factory=lambda: [64, 200])
@@ -58,7 +59,7 @@ class BenchSettings:
     def quick(cls) -> "BenchSettings":
         return cls(
             batch=2, seq=64, matmul_n=1024, memory_steps=1, memory_variants=2,
-            gen_batch_sizes=[1, 8], gen_prompts=8, gen_prompts_batch1=2, gen_max_new_tokens=16,
+            gen_batch_sizes=[1, 8], gen_prompts=8, gen_prompts_batch1=2, gen_max_new_tokens=16, gen_agreement_prompts=4,
             init_examples=8, init_batch_size=8, round_clients=3, round_rounds=3, round_local_steps=1,
             round_eval_limit=8, client_counts=[2, 4, 8], client_rounds=3, phases_train_limit=6,
         )
@@ -120,7 +121,8 @@ def run_bench(
     })
     section("generate", lambda: generation.measure_generation(
         model, batch_sizes=s.gen_batch_sizes, prompts=s.gen_prompts, prompts_batch1=s.gen_prompts_batch1,
-        max_new_tokens=s.gen_max_new_tokens, repeats=s.repeats, warmup=s.warmup, rank=s.rank, log=say))
+        max_new_tokens=s.gen_max_new_tokens, repeats=s.repeats, warmup=s.warmup, rank=s.rank,
+        agreement_prompts=s.gen_agreement_prompts, log=say))
     section("init", lambda: init.measure_init(
         model, examples=s.init_examples, batch_size=s.init_batch_size, ranks=s.init_ranks, repeats=s.repeats, warmup=s.warmup, log=say))
     section("round", lambda: federation.measure_round(

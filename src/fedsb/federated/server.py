@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fedsb.adapter.inject import adapter_layers, adapter_state, inject_adapters, mark_trainable, store_frozen
+from fedsb.adapter.inject import adapter_layers, inject_adapters, mark_trainable, store_frozen
 from fedsb.aggregation import Strategy, get_strategy
 from fedsb.config import ExperimentConfig
 from fedsb.data import collate, tokenize_all
@@ -25,6 +25,7 @@ from fedsb.federated.client import ClientData
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import partition_indices
 from fedsb.init import init_central, init_random, layer_groups
+from fedsb.init.one_time import init_svd, share_factors
 from fedsb.init.svd import effective_lr
 from fedsb.models import load_model
 from fedsb.precision import frozen_dtype, resolve_precision
@@ -196,6 +197,8 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
     start = time.perf_counter()
     if cfg.init.method == "random":
         init_random(layers, seed=cfg.seed)
+    elif cfg.init.method == "svd":  # local: top singular vectors of the frozen weights
+        init_svd(fed.model, seed=cfg.seed)
     elif private_init:
         with progress_bar("init: private gradient pass", total=cfg.init.num_samples) as advance:
             ledgers = fed.privacy.clients if fed.privacy is not None else {}
@@ -235,13 +238,9 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
 
         info.update(run_federated_init(fed, ledger) if init_exchange is None else run_federated_init_exchanges(fed, ledger, init_exchange))
     mark_trainable(fed.model, fed.head_modules)
-    if cfg.init.method in ("central", "federated"):
-        # B and A go to every client once; a seeded random init needs no broadcast at all.
-        frozen = {k: v for k, v in adapter_state(fed.model).items() if not k.endswith(".R")}
-        nbytes = len(comm.encode(frozen, cfg.init.broadcast_dtype))
-        for c in fed.clients:
-            ledger.record_one_time("init_broadcast", nbytes)
-        info["broadcast_bytes_per_client"] = nbytes
+    # B and A reach every client once: broadcast (rounded identically everywhere), or a local
+    # init verified by a 32-byte digest (fedsb.init.one_time).
+    info.update(share_factors(fed.model, ledger, len(fed.clients), method=cfg.init.method, seed=cfg.seed, broadcast_dtype=cfg.init.broadcast_dtype))
     info["seconds"] = time.perf_counter() - start
     return info
 

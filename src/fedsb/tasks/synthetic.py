@@ -8,6 +8,7 @@ test pool, since small problem spaces (1-digit chain sums) repeat questions.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, ClassVar
 
@@ -34,6 +35,21 @@ def chain_sum_cot(expression: str) -> str:
         value = new
     lines.append(f"The answer is: {value}")
     return "\n".join(lines)
+
+
+def difficulty_bucket(item: dict[str, Any]) -> str | None:
+    """"<terms>t<digits>d" for a chain sum (from its metadata), None for other generators."""
+    meta = item.get("metadata", {})
+    if "num_terms" in meta and "num_digits" in meta:
+        return f"{meta['num_terms']}t{meta['num_digits']}d"
+    return None
+
+
+def question_bucket(question: str) -> str | None:
+    """The same bucket read off a chain-sum question's expression ("... problem: 12 + 3 =")."""
+    _, sep, expr = question.rpartition(":")
+    numbers = re.findall(r"\d+", expr) if sep else []
+    return f"{len(numbers)}t{max(len(n) for n in numbers)}d" if numbers else None
 
 
 def generate_items(generator: str, size: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
@@ -144,9 +160,19 @@ class Arith(Task):
         """
         pool = self._pool()[: self.eval_size if limit is None else limit]
         return [
-            EvalExample(it["question"], str(it["answer"]).strip(), meta={"key": self._key(it)})
+            EvalExample(
+                it["question"], str(it["answer"]).strip(),
+                meta={"key": self._key(it), **_bucket_meta(difficulty_bucket(it))},
+            )
             for it in pool
         ]
+
+    def eval_example_from_train(self, example: Example) -> EvalExample:
+        """A training problem as a held-out one (validation splits carved from training data):
+        the gold is the final answer of its response."""
+        gold = extract_answer(example.response) if self.cot else example.response.strip()
+        bucket = question_bucket(example.instruction) if self.generator == "chain_sum" else None
+        return EvalExample(example.instruction, gold or example.response.strip(), meta={"key": example.key, **_bucket_meta(bucket)})
 
     def score(self, generation: str, example: EvalExample) -> dict[str, bool]:
         pred = extract_answer(generation)
@@ -156,3 +182,7 @@ class Arith(Task):
             "correct": numbers_equal(pred, example.gold),
             "exact": generation.strip() == example.gold,
         }
+
+
+def _bucket_meta(bucket: str | None) -> dict[str, str]:
+    return {"bucket": bucket} if bucket else {}

@@ -1,0 +1,219 @@
+"""Sweep summaries -> docs/frontier.md (tables) and docs/frontier.png (two panels).
+
+Accuracy intervals are Wilson 95% intervals on the test problems pooled over the seeds (each
+seed scores the same problems, so they measure problem sampling, not seed variance; the
+per-seed accuracies are listed beside them). Bytes are per client: cumulative upload after the
+final round, and everything a client sends and receives including the one-time costs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from fedsb.adapter.export import atomic_write_bytes
+from fedsb.evaluation import wilson_interval
+from fedsb.report import human_bytes
+from fedsb.sweep.select import RULE
+from fedsb.sweep.spec import Sweep
+
+AXES = (("upload_cum", "cumulative upload bytes per client"), ("total_cum", "total bytes per client incl. one-time costs"))
+
+
+def group_runs(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (method, rank, lr): seeds pooled, the curve averaged over seeds."""
+    groups: dict[tuple[str, int, float], list[dict[str, Any]]] = defaultdict(list)
+    for s in summaries:
+        groups[(s["method"], s["rank"], s["lr"])].append(s)
+    out = []
+    for (method, rank, lr), runs in groups.items():
+        runs.sort(key=lambda s: s["seed"])
+        k = sum(s["final"].get("correct", 0) for s in runs)
+        n = sum(s["final"].get("n", 0) for s in runs)
+        rounds = min(len(s["curve"]) for s in runs)
+        curve = []
+        for i in range(rounds):
+            pts = [s["curve"][i] for s in runs]
+            curve.append({
+                "round": pts[0]["round"],
+                "accuracy": sum(p.get("accuracy", 0.0) for p in pts) / len(pts),
+                "upload_cum": sum(p["upload_cum"] for p in pts) / len(pts),
+                "total_cum": sum(p["total_cum"] for p in pts) / len(pts),
+            })
+        buckets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for s in runs:
+            for b, v in (s["final"].get("by_bucket") or {}).items():
+                buckets[b][0] += v["correct"]
+                buckets[b][1] += v["n"]
+        out.append({
+            "method": method, "rank": rank, "lr": lr, "seeds": [s["seed"] for s in runs],
+            "seed_accuracies": [s["final"].get("accuracy") for s in runs],
+            "accuracy": k / n if n else 0.0, "ci95": list(wilson_interval(k, n)), "correct": k, "n": n,
+            "curve": curve, "final": curve[-1],
+            "upload_per_client_round": runs[0]["upload_per_client_round"],
+            "download_per_client_round": runs[0]["download_per_client_round"],
+            "one_time_per_client": runs[0]["one_time_per_client"],
+            "by_bucket": {b: (kk, nn) for b, (kk, nn) in sorted(buckets.items())},
+            "max_exactness_error": max((s["max_exactness_error"] or 0.0) for s in runs),
+            "cpu_s": sum(s["cpu_s"] for s in runs),
+        })
+    out.sort(key=lambda g: (g["method"], g["rank"], g["lr"]))
+    return out
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """True where no other point has fewer-or-equal bytes and higher-or-equal accuracy, one strictly."""
+    flags = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(g: dict[str, Any]) -> str:
+    lo, hi = g["ci95"]
+    return f"{100 * g['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h ({seconds:.0f} s)"
+
+
+def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[tuple[str, int], float], test: list[dict[str, Any]]) -> str:
+    exp = sweep.experiment
+    fed, train, task = exp.get("federation", {}), exp.get("train", {}), exp.get("task", {})
+    lines = [f"# {sweep.title}\n"]
+    if sweep.note:
+        lines.append(f"> {sweep.note}\n")
+    lines.append(f"Reproduce: `fedsb sweep {sweep.path}` (resumable; finished cells are kept in `{sweep.out}`).\n")
+    lines.append("## Setup\n")
+    lines.append(f"- Experiment: `{sweep.path.name}` -> task `{task.get('name')}` {task.get('options', {})}; overrides for every cell: {sweep.set or 'none'}.")
+    lines.append(f"- Federation: {fed.get('num_clients')} clients, partition {fed.get('partition')} (alpha {fed.get('dirichlet_alpha')}), "
+                 f"{fed.get('rounds')} rounds, local steps {train.get('local_steps')} of batch {train.get('batch_size')} (before the overrides above).")
+    lines.append(f"- Validation: {sweep.validation_size} problems carved from the training data (scored: {sweep.validation_limit or sweep.validation_size}); selection seed {sweep.selection_seed}; test seeds {sweep.seeds}.")
+    lines.append(f"- Selection rule: {RULE}")
+    lines.append("- Grid:\n")
+    lines.append("| method | strategy | ranks | learning rates | method overrides |\n|---|---|---|---|---|")
+    for m in sweep.methods:
+        lines.append(f"| {m.name} | {m.strategy} | {', '.join(map(str, m.ranks))} | {', '.join(f'{x:g}' for x in m.lrs)} | {', '.join(m.set) or '-'} |")
+    lines.append("")
+
+    groups = group_runs(test)
+    if groups:
+        lines.append("## Frontier (test set, chosen learning rates)\n")
+        lines.append("Accuracy: pooled over seeds, Wilson 95% interval; per-seed accuracies beside it. "
+                     "Bytes per client. Pareto: not dominated by another (method, rank) in both bytes and accuracy.\n")
+        lines.append("| method | rank | lr | test accuracy % [95% CI] | per seed % | upload/round | cumulative upload (final round) | one-time | total incl. one-time | Pareto upload | Pareto total | max exactness err |")
+        lines.append("|---|---:|---:|---:|---|---:|---:|---:|---:|:-:|:-:|---:|")
+        up_flags = pareto([(g["final"]["upload_cum"], g["accuracy"]) for g in groups])
+        tot_flags = pareto([(g["final"]["total_cum"], g["accuracy"]) for g in groups])
+        for g, pu, pt in zip(groups, up_flags, tot_flags):
+            lines.append(
+                f"| {g['method']} | {g['rank']} | {g['lr']:g} | {_ci(g)} | {', '.join(_pct(a) for a in g['seed_accuracies'])} | "
+                f"{human_bytes(g['upload_per_client_round'])} | {human_bytes(g['final']['upload_cum'])} | {human_bytes(g['one_time_per_client'])} | "
+                f"{human_bytes(g['final']['total_cum'])} | {'yes' if pu else ''} | {'yes' if pt else ''} | {g['max_exactness_error']:.1e} |"
+            )
+        lines.append("")
+        lines.append("### Accuracy per round (test, mean over seeds, %)\n")
+        width = max(len(g["curve"]) for g in groups)
+        lines.append("| method | rank | " + " | ".join("base" if i == 0 else f"r{i}" for i in range(width)) + " |")
+        lines.append("|---|---:|" + "---:|" * width)
+        for g in groups:
+            cells = [_pct(p["accuracy"]) for p in g["curve"]] + ["-"] * (width - len(g["curve"]))
+            lines.append(f"| {g['method']} | {g['rank']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        buckets = sorted({b for g in groups for b in g["by_bucket"]})
+        if buckets:
+            lines.append("### Accuracy by difficulty bucket (test, final round, pooled over seeds, %; bucket = terms t digits d)\n")
+            lines.append("| method | rank | " + " | ".join(buckets) + " |")
+            lines.append("|---|---:|" + "---:|" * len(buckets))
+            for g in groups:
+                row = []
+                for b in buckets:
+                    k, n = g["by_bucket"].get(b, (0, 0))
+                    row.append(f"{100 * k / n:.0f} ({n})" if n else "-")
+                lines.append(f"| {g['method']} | {g['rank']} | " + " | ".join(row) + " |")
+            lines.append("")
+    else:
+        lines.append("## Frontier\n\nNo test run has finished yet: only the selection results below exist.\n")
+
+    if selection:
+        lines.append("## Learning-rate selection (validation accuracy at the final round, %)\n")
+        lrs = sorted({s["lr"] for s in selection})
+        lines.append("| method | rank | " + " | ".join(f"lr {x:g}" for x in lrs) + " | chosen |")
+        lines.append("|---|---:|" + "---:|" * len(lrs) + "---:|")
+        by_key: dict[tuple[str, int], dict[float, dict[str, Any]]] = defaultdict(dict)
+        for s in selection:
+            by_key[(s["method"], s["rank"])][s["lr"]] = s
+        for (m, r), per_lr in sorted(by_key.items()):
+            cells = [_pct(per_lr[x]["final"].get("accuracy")) if x in per_lr else "-" for x in lrs]
+            pick = chosen.get((m, r))
+            lines.append(f"| {m} | {r} | " + " | ".join(cells) + f" | {'-' if pick is None else f'{pick:g}'} |")
+        lines.append("")
+
+    sel_cpu, test_cpu = sum(s["cpu_s"] for s in selection), sum(s["cpu_s"] for s in test)
+    n_cells = len(selection) + len(test)
+    lines.append("## CPU time\n")
+    lines.append(f"- Selection: {len(selection)} cells, {_hours(sel_cpu)} of CPU time (process time of the runs, one torch thread).")
+    lines.append(f"- Test: {len(test)} cells, {_hours(test_cpu)}.")
+    if n_cells:
+        lines.append(f"- Total: {_hours(sel_cpu + test_cpu)}; {(sel_cpu + test_cpu) / n_cells:.0f} s per cell on average.")
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110, sharey=True)
+    methods = sorted({g["method"] for g in groups})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, (key, label) in zip(axes, AXES):
+        flags = pareto([(g["final"][key], g["accuracy"]) for g in groups])
+        for g, on_front in zip(groups, flags):
+            pts = [p for p in g["curve"] if p[key] > 0]
+            c = colors[g["method"]]
+            if pts:
+                ax.plot([p[key] for p in pts], [100 * p["accuracy"] for p in pts], color=c, alpha=0.35, lw=1)
+            x, y = g["final"][key], 100 * g["accuracy"]
+            lo, hi = (100 * v for v in g["ci95"])
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=c, capsize=3, ms=5)
+            ax.annotate(f"r{g['rank']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+            if on_front:
+                ax.scatter([x], [y], s=160, facecolors="none", edgecolors="black", linewidths=1.4, zorder=5)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%), 95% CI; thin lines: per round")
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
+    handles.append(plt.Line2D([], [], marker="o", ms=11, mfc="none", mec="black", ls="", label="Pareto-optimal"))
+    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[tuple[str, int], float], test: list[dict[str, Any]]) -> list[Path]:
+    """docs/frontier.md always; docs/frontier.png when test runs exist (else the validation runs)."""
+    md = sweep.docs / "frontier.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(md, render_markdown(sweep, selection, chosen, test).encode())
+    groups = group_runs(test)
+    if not groups:
+        return [md]
+    return [md, plot(groups, sweep.docs / "frontier.png", sweep.title)]

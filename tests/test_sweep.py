@@ -1,0 +1,209 @@
+"""`fedsb sweep` on a tiny random model: resume, cell skipping, validation/test separation, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedsb.sweep import load_sweep
+from fedsb.sweep.cells import cell_dir, run_cell, try_claim
+from fedsb.sweep.frontier import pareto, render_markdown
+from fedsb.sweep.runner import run_sweep
+from fedsb.sweep.spec import Cell
+from fedsb.tasks import get_task
+from fedsb.tasks.synthetic import Arith
+
+EXPERIMENT = """
+seed = 0
+[model]
+name = "tiny-llama"
+[adapter]
+rank = 4
+targets = ["q_proj", "v_proj"]
+[init]
+method = "central"
+num_samples = 4
+batch_size = 4
+[train]
+lr = 5e-3
+batch_size = 4
+local_steps = 1
+precision = "fp32"
+max_length = 64
+[federation]
+num_clients = 2
+rounds = 2
+partition = "iid"
+[task]
+name = "arith"
+train_limit = 12
+eval_limit = 3
+max_new_tokens = 3
+eval_batch_size = 4
+[task.options]
+generator = "chain_sum"
+generator_kwargs = { min_terms = 2, max_terms = 3, min_digits = 1, max_digits = 1 }
+cot = true
+"""
+
+SWEEP = """
+experiment = "exp.toml"
+validation_size = 6
+seeds = [0, 1]
+title = "tiny frontier"
+note = "test grid"
+[[method]]
+name = "Fed-SB"
+strategy = "fedsb"
+ranks = [4]
+lrs = [1e-3, 1e-2]
+[[method]]
+name = "FedIT"
+strategy = "fedit"
+ranks = [2]
+lrs = [1e-3, 1e-2]
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    (tmp_path / "sweep.toml").write_text(SWEEP)
+    return load_sweep(tmp_path / "sweep.toml", {"out": str(tmp_path / "out"), "docs": str(tmp_path / "docs")})
+
+
+def _count_runs(monkeypatch):
+    import fedsb.federated.server as server
+
+    calls = []
+    real = server.run_experiment
+
+    def counting(config, out_dir, **kw):
+        calls.append((str(out_dir), kw.get("resume", False)))
+        return real(config, out_dir, **kw)
+
+    monkeypatch.setattr(server, "run_experiment", counting)
+    return calls
+
+
+def test_holdout_split_is_disjoint_and_validation_comes_from_training_data():
+    inner = {"generator": "chain_sum", "generator_kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, "cot": True}
+    val_task = get_task("holdout", task="arith", options=inner, role="validation", validation_size=5, pool=20)
+    train = val_task.train_examples(limit=15, seed=0)
+    val = val_task.eval_examples(seed=0)
+    assert len(train) == 15 and len(val) == 5
+    assert not {t.instruction for t in train} & {v.instruction for v in val}
+    pool = get_task("arith", **inner).train_examples(limit=20, seed=0)
+    assert [v.instruction for v in val] == [p.instruction for p in pool[:5]]
+    assert all(val_task.score(f"The answer is: {v.gold}", v)["correct"] for v in val)
+    assert all(v.meta["bucket"][1] == "t" for v in val)  # difficulty bucket read off the question
+    test_task = get_task("holdout", task="arith", options=inner, role="test", validation_size=5, pool=20)
+    assert test_task.train_examples(limit=15, seed=0) == train  # both phases train on the same data
+    assert [e.instruction for e in test_task.eval_examples(limit=4)] == [e.instruction for e in get_task("arith", **inner).eval_examples(limit=4)]
+
+
+def test_selection_never_reads_the_test_set(sweep, monkeypatch):
+    def no_test(self, limit=None, seed=0):
+        raise AssertionError("the test set was read during selection")
+
+    monkeypatch.setattr(Arith, "eval_examples", no_test)
+    result = run_sweep(sweep, phases=("select",), log=lambda m: None)
+    assert len(result["selection"]) == 4 and set(result["chosen"]) == {("Fed-SB", 4), ("FedIT", 2)}
+    assert all(s["final"]["n"] == 6 and len(s["curve"]) == 3 for s in result["selection"])  # base + 2 rounds
+    with pytest.raises(AssertionError, match="test set was read"):  # the probe is live
+        run_sweep(sweep, phases=("test",), log=lambda m: None)
+
+
+def test_full_sweep_then_rerun_skips_every_finished_cell(sweep, monkeypatch):
+    calls = _count_runs(monkeypatch)
+    result = run_sweep(sweep, log=lambda m: None)
+    assert len(calls) == 4 + 2 * 2  # 4 selection cells, 2 chosen settings x 2 seeds
+    assert len(result["test"]) == 4 and all(s["phase"] == "test" for s in result["test"])
+    chosen = json.loads((sweep.out / "chosen.json").read_text())
+    assert {(c["method"], c["rank"]) for c in chosen} == {("Fed-SB", 4), ("FedIT", 2)}
+    md = (sweep.docs / "frontier.md").read_text()
+    assert "## Frontier (test set" in md and "| Fed-SB | 4 |" in md and "## CPU time" in md and "test grid" in md
+    assert (sweep.docs / "frontier.png").stat().st_size > 10_000
+    fedsb = next(s for s in result["test"] if s["method"] == "Fed-SB")
+    assert fedsb["one_time_per_client"] > 0 and fedsb["cpu_s"] > 0
+    assert fedsb["curve"][-1]["total_cum"] > fedsb["curve"][-1]["upload_cum"] > 0
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.out.glob("*/*/cell.json")}
+    calls.clear()
+    run_sweep(sweep, log=lambda m: None)
+    assert calls == [] and stamps == {p: p.stat().st_mtime_ns for p in sweep.out.glob("*/*/cell.json")}
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(sweep, monkeypatch):
+    import fedsb.federated.server as server
+
+    calls = _count_runs(monkeypatch)
+    real_round = server.run_round
+    state = {"raised": False}
+
+    def crash_in_round_two(fed, round_index, *a, **kw):
+        if round_index == 1 and not state["raised"]:
+            state["raised"] = True
+            raise KeyboardInterrupt
+        return real_round(fed, round_index, *a, **kw)
+
+    monkeypatch.setattr(server, "run_round", crash_in_round_two)
+    cell = sweep.selection_cells()[0]
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(sweep, cell)
+    assert not (cell_dir(sweep, cell) / "cell.json").exists() and not (cell_dir(sweep, cell) / "claim").exists()
+    out = run_cell(sweep, cell)
+    assert [resume for _, resume in calls] == [False, True]
+    assert out["rounds"] == 2 and len(out["curve"]) == 3
+
+
+def test_claims_keep_a_cell_to_one_process(sweep, tmp_path):
+    cell = sweep.selection_cells()[0]
+    folder = cell_dir(sweep, cell)
+    assert try_claim(folder)
+    assert run_cell(sweep, cell) is None  # held by a live process (this one)
+    (folder / "claim").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "claim").write_text(json.dumps({"pid": dead.pid, "host": __import__("socket").gethostname()}))
+    assert try_claim(folder)  # a dead process's claim is taken over
+    assert not try_claim(folder)
+
+
+def _fake(method, rank, lr, seed, acc, up, one_time, buckets=None):
+    curve = [{"round": 0, "upload_cum": 0, "total_cum": one_time, "accuracy": 0.1},
+             {"round": 1, "upload_cum": up, "total_cum": 2 * up + one_time, "accuracy": acc, "correct": int(100 * acc), "n": 100,
+              **({"by_bucket": buckets} if buckets else {})}]
+    return {"id": f"test/{method}-{rank}", "phase": "test", "method": method, "strategy": method.lower(), "rank": rank, "lr": lr,
+            "seed": seed, "rounds": 1, "curve": curve, "final": curve[-1], "upload_per_client_round": up,
+            "download_per_client_round": up, "one_time_per_client": one_time, "max_exactness_error": 1e-7, "cpu_s": 10.0}
+
+
+def test_pareto_and_markdown_writer(sweep):
+    assert pareto([(1, 0.5), (2, 0.4), (2, 0.6), (3, 0.6)]) == [True, False, True, False]
+    buckets = {"2t1d": {"correct": 40, "n": 50, "accuracy": 0.8}, "3t2d": {"correct": 10, "n": 50, "accuracy": 0.2}}
+    test = [_fake("Fed-SB", 64, 2e-3, s, 0.5 + 0.01 * s, 1e5, 8e7, buckets) for s in (0, 1, 2)]
+    test += [_fake("FedIT", 1, 1e-3, 0, 0.4, 3e5, 0)]
+    md = render_markdown(sweep, [], {}, test)
+    row = next(line for line in md.splitlines() if line.startswith("| Fed-SB | 64 |") and "CI" not in line and "yes" in line)
+    assert "51.0 [" in row and "50.0, 51.0, 52.0" in row  # pooled 153/300, seeds listed
+    fedit = next(line for line in md.splitlines() if line.startswith("| FedIT | 1 | 0.001 |"))
+    assert fedit.count("yes") == 1  # dominated on upload, on the frontier for total bytes
+    assert "| 2t1d | 3t2d |" in md and "80 (150)" in md
+
+
+def test_command_writes_the_report_and_rejects_bad_phases(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsb.cli import app
+
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    (tmp_path / "sweep.toml").write_text(SWEEP)
+    args = ["sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")]
+    result = CliRunner().invoke(app, [*args, "--phase", "report"])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "docs/frontier.md").read_text()
+    assert "No test run has finished yet" in md and "| Fed-SB | fedsb | 4 | 0.001, 0.01 |" in md
+    assert CliRunner().invoke(app, [*args, "--phase", "bogus"]).exit_code != 0
