@@ -22,7 +22,7 @@ import pytest
 import tomli_w
 from safetensors.torch import load_file
 
-from fedsb.config import config_from_dict, load_config
+from fedsb.config import load_config
 from fedsb.federated.server import run_experiment
 from fedsb.flower.launch import BIN, LocalFederation
 

@@ -12,7 +12,6 @@ from fedsb.sweep import load_sweep
 from fedsb.sweep.cells import cell_dir, run_cell, try_claim
 from fedsb.sweep.frontier import pareto, render_markdown
 from fedsb.sweep.runner import run_sweep
-from fedsb.sweep.spec import Cell
 from fedsb.tasks import get_task
 from fedsb.tasks.synthetic import Arith
 

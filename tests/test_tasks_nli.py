@@ -10,7 +10,7 @@ import torch
 
 from fedsb.tasks import get_task
 from fedsb.tasks.io import DataFormatError
-from fedsb.tasks.nli import DEFAULT_REL, LABELS, SNLITask, _from_hub, read_snli, split_parts
+from fedsb.tasks.nli import DEFAULT_REL, LABELS, SNLITask, _from_hub, read_snli
 
 ROWS = [
     {"sentence1": "A man plays a guitar .", "sentence2": "A man plays music .", "gold_label": "entailment"},

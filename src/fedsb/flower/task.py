@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from fedsb.adapter.export import atomic_write_bytes
-from fedsb.adapter.inject import adapter_layers, load_state, mark_trainable, trainable_state
+from fedsb.adapter.inject import adapter_layers, load_state, mark_trainable
 from fedsb.config import ConfigError, ExperimentConfig, config_from_dict, dump_config, load_config
 from fedsb.federated import comm
 from fedsb.federated.client import ClientState

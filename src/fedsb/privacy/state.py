@@ -30,7 +30,7 @@ class PrivacyState:
         state = cls(user=strategy.ledger if isinstance(strategy, UserLevelDP) else None)
         if not p.enabled:
             return state
-        check_sample_delta(p, [c.num_examples for c in fed.clients])  # n is known only now
+        check_sample_delta(p, list(examples.values()))  # n is known only now
         logical_batch = t.batch_size * t.grad_accum
         prior = planned_init_entries(cfg, sum(examples.values()))
         for cid, n in examples.items():
