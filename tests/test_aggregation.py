@@ -61,6 +61,7 @@ shape = st.tuples(st.integers(2, 24), st.integers(2, 24))
 )
 def test_fedsb_is_exact(shapes, rank_frac, weights, seed, weighted):
     rank = max(1, int(rank_frac * min(min(s) for s in shapes)))
+    cls = get_strategy("fedsb")
     strategy, model, errors, _ = federate("fedsb", shapes, rank, weights, seed)
     assert max(errors.values()) <= 1e-6
 
@@ -112,6 +113,7 @@ def test_measured_bytes_equal_analytic_count(name, shapes, weights, seed):
 
 def test_rounds_do_not_accumulate_old_updates():
     """The paper's code averaged over every client of rounds 1..t; each round must start empty."""
+    cls = get_strategy("fedsb")
     model = Stack([(8, 8)])
     inject_adapters(model, "all-linear", rank=4)
     init_random(adapter_layers(model), seed=0)
@@ -127,6 +129,7 @@ def test_rounds_do_not_accumulate_old_updates():
 
 
 def test_unweighted_mode_is_the_plain_mean():
+    cls = get_strategy("fedsb")
     model = Stack([(8, 8)])
     inject_adapters(model, "all-linear", rank=2)
     mark_trainable(model)
