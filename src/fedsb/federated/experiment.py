@@ -31,12 +31,12 @@ from fedsb.adapter.export import atomic_write_bytes, save_adapter
 from fedsb.adapter.inject import trainable_state
 from fedsb.config import ExperimentConfig, dump_config
 from fedsb.federated import comm
-from fedsb.federated import server as _server  # evaluate_federation is looked up at call time (tests wrap it)
+from fedsb.federated import server as _server  # build/evaluate looked up at call time (tests and the profiler wrap them)
 from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
 from fedsb.federated.client import ClientUpdate
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import sample_clients
-from fedsb.federated.server import Federation, build_federation, initialize_adapter, summarize
+from fedsb.federated.server import Federation, initialize_adapter, summarize
 from fedsb.rundir import publish_result
 
 
@@ -215,7 +215,7 @@ class Experiment:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter()
-        fed = self.fed = fed or build_federation(config)
+        fed = self.fed = fed or _server.build_federation(config)
         meter = ExactnessMeter() if config.federation.measure_exactness else None
         sha = config_sha256(config)
         meta: dict[str, Any] | None = None
