@@ -233,16 +233,16 @@ def test_round_completes_with_the_other_clients_and_state_is_unchanged_by_the_ho
 
 
 def test_flower_screening_drops_the_hostile_reply_and_keeps_the_others(tmp_path):
-    """`FlowerServer._screen` called without a deployment: the issue's 10 kB upload of 5,000
+    """`FlowerTransport._screen` called without a deployment: the issue's 10 kB upload of 5,000
     nested '[' used to escape as RecursionError and fail the round."""
     from flwr.app import MetricRecord, RecordDict
 
     from fedsb.config import ExperimentConfig
     from fedsb.flower import codec
     from fedsb.flower.protocol import METRICS_RECORD, UPDATE_RECORD
-    from fedsb.flower.server_loop import FlowerServer
+    from fedsb.flower.server_loop import FlowerTransport
 
-    server = FlowerServer.__new__(FlowerServer)
+    server = FlowerTransport.__new__(FlowerTransport)
     server.config = ExperimentConfig()
     server.folds = False
     server.settings = SimpleNamespace(outlier_factor=20.0, norm_bound=0.0)

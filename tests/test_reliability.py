@@ -79,12 +79,12 @@ def test_2_overwrite_never_mixes_old_results_with_an_interrupted_new_run(tmp_pat
     assert runner.invoke(app, ["run", str(cfg), "--out", str(out)]).exit_code == 0
     assert (out / "summary.json").exists()
 
-    import fedsb.federated.server as server
+    import fedsb.federated.experiment as experiment
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C in the middle of the new run's first round
 
-    monkeypatch.setattr(server, "run_round", interrupted)
+    monkeypatch.setattr(experiment, "play_round", interrupted)
     result = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--overwrite", "--set", "train.lr=1e-3"])
     assert result.exit_code != 0
     # the old summary and adapter are gone, not mixed with the new config

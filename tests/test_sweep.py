@@ -136,19 +136,19 @@ def test_full_sweep_then_rerun_skips_every_finished_cell(sweep, monkeypatch):
 
 
 def test_interrupted_cell_resumes_from_its_checkpoint(sweep, monkeypatch):
-    import fedsb.federated.server as server
+    import fedsb.federated.experiment as experiment
 
     calls = _count_runs(monkeypatch)
-    real_round = server.run_round
+    real_round = experiment.play_round
     state = {"raised": False}
 
-    def crash_in_round_two(fed, round_index, *a, **kw):
+    def crash_in_round_two(fed, transport, round_index, *a, **kw):
         if round_index == 1 and not state["raised"]:
             state["raised"] = True
             raise KeyboardInterrupt
-        return real_round(fed, round_index, *a, **kw)
+        return real_round(fed, transport, round_index, *a, **kw)
 
-    monkeypatch.setattr(server, "run_round", crash_in_round_two)
+    monkeypatch.setattr(experiment, "play_round", crash_in_round_two)
     cell = sweep.selection_cells()[0]
     with pytest.raises(KeyboardInterrupt):
         run_cell(sweep, cell)
