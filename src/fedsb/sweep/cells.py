@@ -70,7 +70,15 @@ def try_claim(folder: Path) -> bool:
             try:
                 owner = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
-                return False  # being written right now by its owner
+                owner = None
+            if not owner:  # being written right now, or left empty by a process that died
+                try:
+                    if time.time() - path.stat().st_mtime < 60:
+                        return False
+                except FileNotFoundError:
+                    continue
+                path.unlink(missing_ok=True)
+                continue
             if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
                 path.unlink(missing_ok=True)  # stale: its process died
                 continue

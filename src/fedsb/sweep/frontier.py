@@ -16,7 +16,7 @@ from fedsb.adapter.export import atomic_write_bytes
 from fedsb.evaluation import wilson_interval
 from fedsb.report import human_bytes
 from fedsb.sweep.select import RULE
-from fedsb.sweep.spec import Sweep
+from fedsb.sweep.spec import Cell, Sweep
 
 AXES = (("upload_cum", "cumulative upload bytes per client"), ("total_cum", "total bytes per client incl. one-time costs"))
 
@@ -87,17 +87,25 @@ def _hours(seconds: float) -> str:
 
 
 def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[tuple[str, int], float], test: list[dict[str, Any]]) -> str:
-    exp = sweep.experiment
-    fed, train, task = exp.get("federation", {}), exp.get("train", {}), exp.get("task", {})
+    first = sweep.selection_cells()[0]
+    cfg = sweep.cell_config(first)  # the effective settings, after every override
+    fed, train, task = cfg.federation, cfg.train, cfg.task
+    inner = task.options
     lines = [f"# {sweep.title}\n"]
     if sweep.note:
         lines.append(f"> {sweep.note}\n")
     lines.append(f"Reproduce: `fedsb sweep {sweep.path}` (resumable; finished cells are kept in `{sweep.out}`).\n")
     lines.append("## Setup\n")
-    lines.append(f"- Experiment: `{sweep.path.name}` -> task `{task.get('name')}` {task.get('options', {})}; overrides for every cell: {sweep.set or 'none'}.")
-    lines.append(f"- Federation: {fed.get('num_clients')} clients, partition {fed.get('partition')} (alpha {fed.get('dirichlet_alpha')}), "
-                 f"{fed.get('rounds')} rounds, local steps {train.get('local_steps')} of batch {train.get('batch_size')} (before the overrides above).")
-    lines.append(f"- Validation: {sweep.validation_size} problems carved from the training data (scored: {sweep.validation_limit or sweep.validation_size}); selection seed {sweep.selection_seed}; test seeds {sweep.seeds}.")
+    test_limit = sweep.cell_config(Cell("test", first.method, first.rank, first.lr, sweep.seeds[0])).task.eval_limit
+    lines.append(f"- Experiment: `{getattr(sweep, 'experiment_name', '?')}`: task `{inner['task']}` {inner['options']}; "
+                 f"model `{cfg.model.name or 'SmolLM2-135M-Instruct (packaged)'}`; targets {', '.join(cfg.adapter.targets)}.")
+    lines.append(f"- Federation: {fed.num_clients} clients, partition {fed.partition}"
+                 + (f" (alpha {fed.dirichlet_alpha})" if fed.partition == "dirichlet" else "")
+                 + f", {fed.rounds} rounds of {train.local_steps or f'{train.local_epochs} epochs of'} local steps, batch {train.batch_size}, "
+                 f"{train.schedule} schedule, {task.train_limit} training examples; generation up to {task.max_new_tokens} new tokens.")
+    lines.append(f"- Overrides for every cell: {', '.join(f'`{o}`' for o in sweep.set) or 'none'}.")
+    lines.append(f"- Validation: {sweep.validation_size} problems carved from the training data (scored: {sweep.validation_limit or sweep.validation_size}); "
+                 f"selection seed {sweep.selection_seed}. Test: {test_limit or 'all'} test problems, seeds {sweep.seeds}.")
     lines.append(f"- Selection rule: {RULE}")
     lines.append("- Grid:\n")
     lines.append("| method | strategy | ranks | learning rates | method overrides |\n|---|---|---|---|---|")

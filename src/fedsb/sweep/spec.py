@@ -73,6 +73,7 @@ class Sweep:
     selection_seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     title: str = "Accuracy against communication"
+    experiment_name: str = "inline"  # the experiment file the sweep builds on
     note: str = ""  # printed at the top of the report (e.g. "reduced grid")
 
     def selection_cells(self) -> list[Cell]:
@@ -144,7 +145,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         set=list(data.get("set", [])), validation_size=int(data.get("validation_size", 100)),
         validation_limit=data.get("validation_limit"), selection_seed=int(data.get("selection_seed", 0)),
         seeds=[int(s) for s in data.get("seeds", [0, 1, 2])], title=str(data.get("title", Sweep.title)),
-        note=str(data.get("note", "")),
+        note=str(data.get("note", "")), experiment_name=exp if isinstance(exp, str) else "inline",
     )
     for m in methods:  # fail fast on a bad experiment or override
         sweep.cell_config(Cell("select", m, m.ranks[0], m.lrs[0], sweep.selection_seed))
