@@ -226,6 +226,8 @@ def plot(entries: list[dict[str, Any]], path: Path) -> None:
     epsilons = sorted({e["target_epsilon"] for e in entries}, key=_eps_key)
     xs = {t: i for i, t in enumerate(epsilons)}
     settings = list(dict.fromkeys(e["setting"] for e in entries))
+    methods = list(dict.fromkeys((e["strategy"], e["rank"]) for e in entries))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False, sharey=True)
     for ax, setting in zip(axes[0], settings):
         sub = [e for e in entries if e["setting"] == setting and e["accuracy"] is not None]
@@ -235,14 +237,14 @@ def plot(entries: list[dict[str, Any]], path: Path) -> None:
             y = [100 * e["accuracy"] for e in mine]
             err = [[100 * (e["accuracy"] - e["min"]) for e in mine], [100 * (e["max"] - e["accuracy"]) for e in mine]]
             label = NAMES[strategy] + (f" r={rank}" if rank else "")
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, linestyle="--" if strategy in REFERENCES else "-")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, color=colors[(strategy, rank)], linestyle="--" if strategy in REFERENCES else "-")
         ax.axhline(100 / 3, color="grey", linewidth=0.8, linestyle=":", label="chance")
         ax.set_xticks(range(len(epsilons)), ["∞" if t is None else f"{t:g}" for t in epsilons])
         ax.set_xlabel("target ε")
         ax.set_title(f"{setting} ({SETTINGS[setting]} client{'s' if SETTINGS[setting] > 1 else ''})")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("accuracy % (mean over seeds, min-max)")
-    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

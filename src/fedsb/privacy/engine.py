@@ -182,8 +182,8 @@ class PrivateSession:
         self.lengths = None if lengths is None else list(lengths)
         device = next(model.parameters()).device
         self.precision = resolve_precision(precision, device)
-        if self.precision == "bf16" and self.grad_sample_mode != "hooks":
-            raise PrivacyError(f"precision bf16 needs clipping = 'flat' (opacus hooks), not {clipping!r}")
+        if self.grad_sample_mode != "hooks":
+            self.precision = "fp32"  # the bf16 islands are for opacus' hooks; ghost / functorch stay fp32
         self.dropout = dropout
         self.loss = SequenceLoss()
         self._engine: PrivacyEngine | None = None
