@@ -1,7 +1,7 @@
 """Differential privacy for federated LoRA-SB and the LoRA baselines.
 
 - `engine`: sample-level DP-SGD with opacus, attached to the shared model for one client-round.
-- `client`: `train_client_private`, the DP twin of `server.train_client`.
+- `client`: `DpSgdSteps`, the DP-SGD step runner of the one client path (`federated.client.train_client`).
 - `accounting`: RDP ledgers, noise calibration for a target epsilon over the whole run.
 - `init`: the gradient-SVD init under DP (public data, or a Gaussian mechanism, or refused).
 - `user_level`: DP-FedAvg as a strategy wrapper.
