@@ -362,7 +362,10 @@ class LocalFederation:
         """Block until the run finishes; return Flower's record of it (status, traffic)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = self.status(run_id)
+            try:
+                info = self.status(run_id)
+            except subprocess.TimeoutExpired:  # a slow `flwr ls` on a loaded machine: ask again
+                continue
             if str(info.get("status", "")).startswith("finished"):
                 return info
             time.sleep(1.0)
