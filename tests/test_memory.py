@@ -6,7 +6,12 @@ import json
 import pytest
 import torch
 
-from fedsb.adapter.inject import adapter_layers, inject_adapters, mark_trainable, store_frozen
+from fedsb.adapter.inject import (
+    adapter_layers,
+    inject_adapters,
+    mark_trainable,
+    store_frozen,
+)
 from fedsb.config import config_from_dict
 from fedsb.federated.server import build_federation, run_experiment
 from fedsb.init import init_central, layer_groups
@@ -67,9 +72,8 @@ def test_bf16_mode_stores_frozen_tensors_in_bf16_and_trains_fp32(strategy, expec
 
 
 def test_r_and_its_optimizer_state_stay_fp32_after_bf16_training():
-    from fedsb.training import train_steps
-
     from fedsb.init import init_random
+    from fedsb.training import train_steps
 
     model = tiny_causal_lm(seed=1)
     layers = inject_adapters(model, TARGETS, rank=4)

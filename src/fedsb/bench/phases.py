@@ -240,13 +240,14 @@ def measure_memory_phases(
 
     `variants` maps a name to config overrides; default: "before" (`BEFORE`) and "after" (defaults).
     """
-    from fedsb.bench.timing import load_average
-
     from pathlib import Path
+
+    from fedsb.bench.timing import load_average
 
     variants = variants if variants is not None else {"before": BEFORE, "after": {}}
     saved = Path(out_root) / "runs.json"  # finished runs survive a crash or an OOM kill of the parent
     runs: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
+    saved.parent.mkdir(parents=True, exist_ok=True)
     for prec in precisions:
         for name, overrides in variants.items():
             key = f"{name}/{prec}"
@@ -259,11 +260,10 @@ def measure_memory_phases(
                 out = run_child("fedsb.bench.phases:profile_run", {"config": cfg, "out_dir": f"{out_root}/{name}-{prec}", "threads": threads})
             except RuntimeError as err:  # e.g. killed by the OOM killer on a shared machine: say so, go on
                 runs[key] = {"error": str(err)[:500], "overrides": overrides}
+                saved.write_text(json.dumps(runs, default=str))
                 if log:
                     log(f"  memory phases {key}: FAILED ({str(err)[:120]})")
                 continue
-            finally:
-                saved.parent.mkdir(parents=True, exist_ok=True)
             out["end_to_end_s"] = time.perf_counter() - t0  # interpreter start, imports, load, run
             out["load_average_before"] = load
             out["overrides"] = overrides
