@@ -25,12 +25,14 @@ from typing import Annotated, Any
 
 import typer
 
+from fedsb.aggregation import get_strategy, strategy_names
 from fedsb.config import load_config
 
 DEFAULT_METHODS = "fedsb:32,fedsb:48,fedsb:64,ffa:32,fedit:32,fedex:32"
 SETTINGS = {"centralized": 1, "federated": 3}
+# Display names: each strategy's own (the registry), plus the two reference rows.
 NAMES = {
-    "fedsb": "Fed-SB", "ffa": "FFA-LoRA", "fedit": "FedIT", "fedex": "FedEx-LoRA", "flora": "FLoRA",
+    **{name: get_strategy(name).display_name or name for name in strategy_names()},
     "probe": "Linear probe (head only)", "full": "Full fine-tuning (non-private)",
 }  # fmt: skip
 REFERENCES = ("probe", "full")
@@ -76,7 +78,7 @@ class Cell:
             ov.append(f"privacy.target_epsilon={self.epsilon}")
         if self.strategy not in REFERENCES:
             ov += [f"federation.strategy='{self.strategy}'", f"adapter.rank={self.rank}"]
-            if self.strategy != "fedsb" and baseline_alpha is not None:
+            if get_strategy(self.strategy).adapter_kind != "lorasb" and baseline_alpha is not None:
                 ov.append(f"adapter.alpha={baseline_alpha}")
         return ov
 
@@ -92,12 +94,14 @@ def plan_cells(methods: list[tuple[str, int]], epsilons: list[float], settings: 
 
 def run_one(config_path: Path, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """One adapter run (run_experiment resumes a half-finished one from its checkpoint)."""
+    from fedsb.federated.checkpoint import CHECKPOINT_DIR, META
     from fedsb.federated.server import run_experiment
 
     done = out_dir / "summary.json"
     if done.exists():
         return json.loads(done.read_text())
-    return run_experiment(load_config(config_path, overrides), out_dir)
+    resume = (out_dir / CHECKPOINT_DIR / META).exists()
+    return run_experiment(load_config(config_path, overrides), out_dir, resume=resume)
 
 
 def run_reference_cell(config_path: Path, overrides: list[str], kind: str, lr: float | None) -> dict[str, Any]:
