@@ -116,7 +116,8 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (one we may not signal still counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -149,7 +150,7 @@ class RunLock:
         if holder.get("host") != socket.gethostname():
             return False  # another machine: nothing can be known about its process
         pid = int(holder.get("pid", -1))
-        if pid <= 0 or not _alive(pid):
+        if pid <= 0 or not pid_alive(pid):
             return True
         started = holder.get("proc_start")
         return started is not None and _process_start(pid) not in (None, started)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.adapter.export import atomic_write_json
+from fedsb.rundir import pid_alive
 from fedsb.sweep.spec import Cell, Sweep
 
 CLAIM, SUMMARY, RUN = "claim", "cell.json", "run"
@@ -49,16 +50,6 @@ def is_done(sweep: Sweep, cell: Cell) -> bool:
     return read_summary(sweep, cell) is not None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def try_claim(folder: Path) -> bool:
     """Create `folder/claim` exclusively; a claim left by a dead process on this host is taken over."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +70,7 @@ def try_claim(folder: Path) -> bool:
                     continue
                 path.unlink(missing_ok=True)
                 continue
-            if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+            if owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1))):
                 path.unlink(missing_ok=True)  # stale: its process died
                 continue
             return False
@@ -102,7 +93,7 @@ def is_claimed(folder: Path) -> bool:
         owner = json.loads(path.read_text() or "{}")
     except (OSError, json.JSONDecodeError):
         return True
-    return owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1)))
+    return owner.get("host") != socket.gethostname() or pid_alive(int(owner.get("pid", -1)))
 
 
 def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) -> dict[str, Any] | None:
