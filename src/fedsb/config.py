@@ -172,10 +172,17 @@ class TaskConfig:
 
     def validate(self) -> None:
         from fedsb.tasks import task_names
+        from fedsb.tasks.base import validate_task_options
 
         _one_of("task.name", self.name, tuple(task_names()))
+        validate_task_options(self.name, self.options, "task.options")
         for name in self.eval_tasks:
             _one_of("task.eval_tasks[]", name, tuple(task_names()))
+        for name, options in self.eval_options.items():  # eval_limit is the evaluator's, not the task's
+            if not isinstance(options, dict):
+                raise ConfigError(f"task.eval_options.{name} = {options!r}: expected a table")
+            own = {k: v for k, v in options.items() if k != "eval_limit"}
+            validate_task_options(name, own, f"task.eval_options.{name}")
         _one_of("task.eval_mode", self.eval_mode, ("generate", "loglik", "none"))
         _positive("task.eval_batch_size", self.eval_batch_size)
         _positive("task.eval_every", self.eval_every, zero_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
@@ -210,9 +211,31 @@ GSM_STOP_PATTERNS = (
 )
 
 
+@dataclass(frozen=True)
+class NumericOptions:
+    """Options of every arithmetic task (`task.options`)."""
+
+    path: str | None = None  # training file; None: the shared data folder's copy (or the hub)
+    eval_path: str | None = None  # evaluation file; None: the shared data folder's GSM8K test
+    data_root: str | None = None  # data folder used instead of the shared one
+    template: str | None = None  # prompt template (fedsb.tasks.prompts); None: "alpaca_math"
+
+
+@dataclass(frozen=True)
+class GSM8KOptions(NumericOptions):
+    strip_calculator: bool = True  # drop GSM8K's "<<a*b=c>>" calculator annotations from targets
+
+
+@dataclass(frozen=True)
+class MetaMathOptions(NumericOptions):
+    first_n: int | None = 20_000  # train on the first n MetaMathQA rows (None: all 395K)
+
+
 class _NumericTask(Task):
     """Shared options and GSM8K-style grading for the arithmetic tasks."""
 
+    output_type: ClassVar[str] = "generate_until"
+    Options: ClassVar[type] = NumericOptions
     default_template: ClassVar[str] = "alpaca_math"
     stop_strings: ClassVar[tuple[str, ...]] = GSM_STOP
     stop_patterns: ClassVar[tuple[str, ...]] = GSM_STOP_PATTERNS
@@ -250,6 +273,8 @@ def _gsm8k_eval(rec: dict[str, Any]) -> EvalExample:
 class GSM8K(_NumericTask):
     """GSM8K (openai/grade-school-math): train on MetaMath-style rewritten solutions."""
 
+    Options: ClassVar[type] = GSM8KOptions
+
     def __init__(self, *args: Any, strip_calculator: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.strip_calculator = strip_calculator
@@ -278,6 +303,8 @@ class MetaMath(_NumericTask):
     Not available offline: pass path= to MetaMathQA-395K.json or go online.
     Example.key is the augmentation type (GSM_AnsAug, MATH_Rephrased, ...).
     """
+
+    Options: ClassVar[type] = MetaMathOptions
 
     def __init__(self, *args: Any, first_n: int | None = 20_000, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -6,8 +6,13 @@ A new task is one file that subclasses `Task` and registers itself with `@regist
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, get_type_hints
+
+# What a task's evaluation does, as lm-evaluation-harness names it: generate text and grade it,
+# rank fixed options by log-likelihood, or predict a class with a classifier head.
+OUTPUT_TYPES: tuple[str, ...] = ("generate_until", "multiple_choice", "classify")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class Task(ABC):
     """A task family: loaders, prompt template, answer extraction and grading."""
 
     name: ClassVar[str]
+    # One of OUTPUT_TYPES; no default, so every task states it.
+    output_type: ClassVar[str]
+    # A dataclass of the constructor's options (types, defaults, one comment each): what
+    # `task.options` may hold, checked when the config loads.
+    Options: ClassVar[type]
     max_new_tokens: ClassVar[int] = 256
     stop_strings: ClassVar[tuple[str, ...]] = ()
     # Regexes that end a generation once matched (the match is kept): e.g. a completed
@@ -57,6 +67,12 @@ class Task(ABC):
     # Text appended to the prompt before ranking options by log-likelihood (e.g. the fixed
     # "the correct answer is" that precedes the label in LLM-Adapters responses).
     loglik_prefix: ClassVar[str] = ""
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], key: str) -> dict[str, Any]:
+        """`options` checked against `cls.Options` (ints accepted for floats); a ConfigError
+        naming the key for an unknown key, a missing required one or a wrong type."""
+        return check_options(cls.Options, options, key, f"task {cls.name!r}")
 
     @abstractmethod
     def train_examples(self, limit: int | None = None, seed: int = 0) -> list[Example]:
@@ -81,6 +97,37 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
         return cls
 
     return wrap
+
+
+def check_options(options_cls: type, options: dict[str, Any], key: str, owner: str) -> dict[str, Any]:
+    """The generic check behind Task.check_options, against the dataclass `options_cls`."""
+    from fedsb.config import ConfigError, _check_type
+
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {key}.{unknown[0]} for {owner}; allowed: {', '.join(sorted(fields))}")
+    hints = get_type_hints(options_cls)
+    out = {}
+    for name, f in fields.items():
+        if name in options:
+            out[name] = _check_type(f"{key}.{name}", options[name], hints[name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}.{name} is required for {owner}")
+    return out
+
+
+def validate_task_options(task_name: str, options: dict[str, Any], key: str = "task.options") -> dict[str, Any]:
+    """Config-time check of a task's options: a typo or a wrong type is a ConfigError naming
+    the key, rather than a TypeError from the constructor once the run has started."""
+    from fedsb import tasks as _tasks  # noqa: F401  (imports every task module)
+    from fedsb.config import ConfigError
+
+    if task_name not in _REGISTRY:
+        raise ConfigError(f"{key}: unknown task {task_name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if not isinstance(options, dict):
+        raise ConfigError(f"{key} = {options!r}: expected a table")
+    return _REGISTRY[task_name].check_options(options, key)
 
 
 def get_task(name: str, **options: Any) -> Task:

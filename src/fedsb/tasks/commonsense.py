@@ -190,6 +190,17 @@ def _with_ids(examples: list[EvalExample], prefix: str) -> list[EvalExample]:
 _REQUIRED = ("instruction", "answer")
 
 
+@dataclass(frozen=True)
+class CommonsenseOptions:
+    """Options of the commonsense tasks (`task.options`)."""
+
+    path: str | None = None  # training file; None: the benchmark's file in the shared data folder
+    eval_path: str | None = None  # test file; None: the benchmark's file in the shared data folder
+    data_root: str | None = None  # data folder used instead of the shared one
+    template: str | None = None  # prompt template; None: "alpaca" ("label") or lm-eval's ("text")
+    protocol: str = "label"  # "label" (the papers') or "text" (lm-evaluation-harness), see above
+
+
 class CommonsenseTask(Task):
     """One LLM-Adapters commonsense benchmark; Example.key is the gold label.
 
@@ -198,6 +209,9 @@ class CommonsenseTask(Task):
     """
 
     benchmark: ClassVar[str]
+    # Fixed options (the labels or their texts), ranked by log-likelihood or generated and graded.
+    output_type: ClassVar[str] = "multiple_choice"
+    Options: ClassVar[type] = CommonsenseOptions
     default_template: ClassVar[str] = "alpaca"
     max_new_tokens: ClassVar[int] = 32  # as LLM-Adapters; the label comes first
     stop_strings: ClassVar[tuple[str, ...]] = ("\n\n", "###")

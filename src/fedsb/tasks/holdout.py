@@ -9,12 +9,24 @@ scores the inner task's test problems after training on exactly the same data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedsb.tasks.arithmetic import extract_answer
-from fedsb.tasks.base import EvalExample, Example, Task, get_task, register_task
+from fedsb.tasks.base import EvalExample, Example, Task, check_options, get_task, register_task, validate_task_options
 
 ROLES = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class HoldoutOptions:
+    """Options of the holdout wrapper (`task.options`)."""
+
+    task: str  # the inner task's name (required)
+    options: dict[str, Any] | None = None  # the inner task's options, checked against its own
+    role: str = "validation"  # "validation" (the held-out part) or "test" (the inner task's eval set)
+    validation_size: int = 100  # training examples held out for validation
+    pool: int | None = None  # training examples drawn before the split (None: all)
 
 
 @register_task("holdout")
@@ -23,6 +35,16 @@ class Holdout(Task):
     ("validation" or "test"), validation_size, pool (training examples drawn before the split)."""
 
     metric_names: ClassVar[tuple[str, ...]] = ("correct",)
+    # An instance takes its inner task's; the class states the common case.
+    output_type: ClassVar[str] = "generate_until"
+    Options: ClassVar[type] = HoldoutOptions
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], key: str) -> dict[str, Any]:
+        """The wrapper's own options, then the inner task's against that task's Options."""
+        out = check_options(cls.Options, options, key, f"task {cls.name!r}")
+        out["options"] = validate_task_options(out["task"], out.get("options") or {}, f"{key}.options")
+        return out
 
     def __init__(
         self,
@@ -39,7 +61,7 @@ class Holdout(Task):
         self.inner = get_task(task, **(options or {}))
         self.role, self.validation_size, self.pool = role, validation_size, pool
         # What the evaluator and the server read off a task instance.
-        for attr in ("template", "max_new_tokens", "stop_strings", "stop_patterns", "default_template", "loglik_prefix"):
+        for attr in ("output_type", "template", "max_new_tokens", "stop_strings", "stop_patterns", "default_template", "loglik_prefix"):
             if hasattr(self.inner, attr):
                 setattr(self, attr, getattr(self.inner, attr))
         self.metric_names = self.inner.metric_names

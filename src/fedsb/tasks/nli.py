@@ -19,6 +19,7 @@ import math
 import random
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -89,11 +90,30 @@ def split_parts(items: list[PairExample], *, eval_fraction: float, public_fracti
     return {name: [items[i] for i in sorted(idx)] for name, idx in parts.items()}
 
 
+@dataclass(frozen=True)
+class SNLIOptions:
+    """Options of the SNLI tasks (`task.options`)."""
+
+    path: str | None = None  # one SNLI file, split here into train / eval / public parts
+    train_path: str | None = None  # a train file (with eval_path: no split here)
+    eval_path: str | None = None  # an evaluation file (with train_path)
+    data_root: str | None = None  # data folder used instead of the shared one
+    eval_fraction: float = 0.2  # share of the split file held out for evaluation
+    public_fraction: float = 0.05  # share kept as the server's public data ("snli-public")
+    split_seed: int = 0  # seed of that split
+    hub_eval_split: str = "validation"  # hub split evaluated when the data comes from the hub
+    max_length: int = 128  # tokens per premise + hypothesis pair
+    tune: bool = False  # train on the train part minus a seeded validation share, evaluate on it
+    validation_fraction: float = 0.1  # that validation share when tune = true
+
+
 @register_task("snli")
 class SNLITask(Task):
     """SNLI pairs -> labels 0 entailment, 1 neutral, 2 contradiction; PairExample.key = str(label)."""
 
     metric_names: ClassVar[tuple[str, ...]] = ("correct",)
+    output_type: ClassVar[str] = "classify"  # a sequence-classification head, no generation
+    Options: ClassVar[type] = SNLIOptions
     part: ClassVar[str] = "train"  # which part train_examples returns
 
     def __init__(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedsb.tasks.arithmetic import (
@@ -60,6 +61,22 @@ def generate_items(generator: str, size: int, seed: int, **kwargs: Any) -> list[
     return [ds[i] for i in range(size)]
 
 
+@dataclass(frozen=True)
+class ArithOptions:
+    """Options of the synthetic arithmetic task (`task.options`)."""
+
+    generator: str = "chain_sum"  # reasoning-gym generator: "chain_sum", "gsm_symbolic", ...
+    generator_kwargs: dict[str, Any] | None = None  # the generator's difficulty knobs (min_terms, ...)
+    cot: bool = False  # train on a worked solution ending "The answer is: N", not the bare answer
+    template: str | None = None  # prompt template; None: "chat"
+    train_size: int = 2000  # training problems generated
+    eval_size: int = 500  # evaluation problems generated
+    eval_seed: int = 0  # seed of the evaluation problems (training seeds are disjoint)
+    key_by: str = "last_digit"  # Example.key for non-IID partitions: "last_digit" or a metadata field
+    exclude_eval_overlap: bool = True  # drop training problems that also appear in evaluation
+    max_new_tokens: int | None = None  # generation budget; None: 256 with cot, else 16
+
+
 @register_task("arith")
 class Arith(Task):
     """Arithmetic problems from a reasoning-gym generator, answer-only or chain of thought.
@@ -71,6 +88,8 @@ class Arith(Task):
     "num_terms") for non-IID partitions.
     """
 
+    output_type: ClassVar[str] = "generate_until"
+    Options: ClassVar[type] = ArithOptions
     default_template: ClassVar[str] = "chat"
     stop_strings: ClassVar[tuple[str, ...]] = ()
     metric_names: ClassVar[tuple[str, ...]] = ("correct", "exact")
