@@ -190,6 +190,24 @@ def test_cli_table_and_breakeven_line(cli):
     assert [r["rank"] for r in json.loads(res.stdout)] == [8, 16]
 
 
+def test_breakeven_reference_is_the_strategys_declaration(cli, monkeypatch):
+    """comm reads the reference from Strategy.break_even_reference, not from a name in comm.py."""
+    from fedsb.aggregation.registry import get_strategy
+
+    fedsb_cls = get_strategy("fedsb")
+    assert fedsb_cls.break_even_reference == "fedit"
+    monkeypatch.setattr(fedsb_cls, "break_even_reference", "ffa")
+    args = ("--model-shape", "mistral-7b", "--method", "fedsb", "--rank", "120", "--clients", "25")
+    (row,) = json.loads(cli(*args, "--json").stdout)
+    assert "breakeven_rounds_vs_fedit" not in row
+    ffa = comm_row(target_shapes("mistral-7b"), "ffa", 32, 25, 1)
+    assert row["breakeven_rounds_vs_ffa"] == breakeven_rounds(row, ffa)
+    assert "vs FFA-LoRA r=32" in cli(*args).output
+    monkeypatch.setattr(fedsb_cls, "break_even_reference", None)
+    (row,) = json.loads(cli(*args, "--json").stdout)
+    assert not any(k.startswith("breakeven") for k in row) and "drops below" not in cli(*args).output
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -62,6 +62,9 @@ class Strategy(ABC):
     supports_secagg: ClassVar[bool] = False  # its aggregate is the weighted mean SecAgg+ computes
     secagg_note: ClassVar[str] = "SecAgg+ is wired for strategies whose aggregate is a plain weighted mean of R (Fed-SB)"
     user_level_dp_note: ClassVar[str] = ""  # non-empty: why user-level DP (noise on the mean) cannot cover it
+    # The strategy whose cumulative traffic `fedsb comm` compares this one's against (the round
+    # after which this one's total, one-time costs included, drops below it); None: no comparison.
+    break_even_reference: ClassVar[str | None] = None
 
     # --- what travels (the single source of wire names; `fedsb.federated.comm_table`) ---------
 

@@ -14,6 +14,7 @@ class FedSB(Strategy):
     supports_secagg = True  # the server needs only sum_i w_i R_i and sum_i w_i
     display_name = "Fed-SB"
     table_order = 0
+    break_even_reference = "fedit"  # its one-time B/A broadcast is repaid against plain FedIT
 
     @classmethod
     def wire_names(cls, module: str, d_out: int, d_in: int, rank: int, direction: Direction, clients: int) -> WireNames:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedsb.aggregation.registry import get_strategy
 from fedsb.federated.comm import WIRE_DTYPES
 from fedsb.federated.comm_table import BASELINE_RANK, INITS, METHODS, breakeven_rounds, comm_row, comm_table
 from fedsb.federated.shapes import target_shapes
@@ -52,15 +53,34 @@ def _render(rows: list[dict[str, Any]], rounds: int, console: Console) -> None:
     console.print(table)
 
 
-def _breakeven_line(row: dict[str, Any], fedit: dict[str, Any]) -> str:
-    k = row["breakeven_rounds_vs_fedit"]
+def _breakeven_key(reference: str) -> str:
+    return f"breakeven_rounds_vs_{reference}"
+
+
+def _breakeven_line(row: dict[str, Any], ref: dict[str, Any]) -> str:
+    k = row[_breakeven_key(ref["method"])]
+    me, other = get_strategy(row["method"]).display_name, get_strategy(ref["method"]).display_name
     head = (
-        f"Fed-SB r={row['rank']} (init {row['init']}, one-time {human_bytes(row['one_time_bytes'])}) "
-        f"vs FedIT r={fedit['rank']}: "
+        f"{me} r={row['rank']} (init {row['init']}, one-time {human_bytes(row['one_time_bytes'])}) "
+        f"vs {other} r={ref['rank']}: "
     )
     if k is None:
-        return head + "Fed-SB's total never drops below FedIT's (its per-round traffic is not smaller)."
-    return head + f"Fed-SB's total drops below FedIT's after {k} round{'s' if k != 1 else ''}."
+        return head + f"{me}'s total never drops below {other}'s (its per-round traffic is not smaller)."
+    return head + f"{me}'s total drops below {other}'s after {k} round{'s' if k != 1 else ''}."
+
+
+def _breakeven_references(
+    rows: list[dict[str, Any]], shape: Any, b_rank: int, clients: int, rounds: int, options: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each declared break-even reference's row (`Strategy.break_even_reference`): the table's
+    own row when the table has it, else one computed at the baselines' rank."""
+    refs: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        ref = get_strategy(row["method"]).break_even_reference
+        if ref is not None and ref not in refs:
+            have = next((r for r in rows if r["method"] == ref), None)
+            refs[ref] = have if have is not None else comm_row(shape, ref, b_rank, clients, rounds, **options)
+    return refs
 
 
 def comm(
@@ -104,18 +124,15 @@ def comm(
     else:  # a single method: --rank is its rank
         rows = [comm_row(shape, method, r, clients, rounds, **options) for r in ranks]
 
-    fedit = next((r for r in rows if r["method"] == "fedit"), None)
-    if fedit is None and method == "fedsb":
-        fedit = comm_row(shape, "fedit", b_rank, clients, rounds, **options)
-    for row in rows:
-        if row["method"] == "fedsb" and fedit is not None:
-            row["breakeven_rounds_vs_fedit"] = breakeven_rounds(row, fedit)
+    refs = _breakeven_references(rows, shape, b_rank, clients, rounds, options)
+    pairs = [(row, refs[ref]) for row in rows if (ref := get_strategy(row["method"]).break_even_reference)]
+    for row, ref_row in pairs:
+        row[_breakeven_key(ref_row["method"])] = breakeven_rounds(row, ref_row)
 
     if json_out:
         typer.echo(json.dumps(rows))
         return
     console = Console(width=max(Console().width, 140))
     _render(rows, rounds, console)
-    for row in rows:
-        if row["method"] == "fedsb" and fedit is not None:
-            console.print(_breakeven_line(row, fedit))
+    for row, ref_row in pairs:
+        console.print(_breakeven_line(row, ref_row))
