@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsb.commands.demo import demo_config_dict
+from fedsb.commands.demo import demo_config_dict, demo_strategies
 from fedsb.config import ConfigError, config_from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
@@ -30,6 +30,19 @@ def test_configs_exist():
 def test_embedded_demo_config_validates():
     cfg = config_from_dict(demo_config_dict())
     assert cfg.federation.num_clients == 10 and cfg.federation.partition == "dirichlet"
+
+
+def test_packaged_demo_strategies_are_registered_and_build_valid_configs():
+    import json
+
+    from fedsb.aggregation.registry import strategy_names
+
+    strategies = demo_strategies()
+    assert len(strategies) >= 2 and set(strategies) <= set(strategy_names())
+    for name, settings in strategies.items():
+        values = {"federation.strategy": name, **settings}
+        cfg = config_from_dict(demo_config_dict(), [f"{k}={json.dumps(v)}" for k, v in values.items()])
+        assert cfg.federation.strategy == name and cfg.adapter.rank == settings["adapter.rank"]
 
 
 def test_unknown_key_is_named():
