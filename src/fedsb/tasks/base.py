@@ -5,8 +5,8 @@ A new task is one file that subclasses `Task` and registers itself with `@regist
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, get_type_hints
 
