@@ -31,6 +31,7 @@ import pytest
 import tomli_w
 from safetensors.torch import load_file
 
+from fedsb.adapter.inject import trainable_state
 from fedsb.config import config_from_dict
 from fedsb.federated.server import run_experiment
 from fedsb.flower.launch import BIN, LocalFederation
@@ -219,7 +220,7 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     # every client's own R after round 1, as the plain run computes it (same start, same data)
     fed = build_federation(cfg)
     initialize_adapter(fed, comm.CommLedger())
-    start = task.global_state_from_download(fed, comm.encode(task.trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
+    start = task.global_state_from_download(fed, comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
     own = {}
     for client in fed.clients:
         own[client.client_id] = client_round(fed, client.client_id, 0, start, ClientState()).tensors
@@ -334,7 +335,7 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
     def message(content: RecordDict, kind: str) -> Message:
         return Message(content, dst_node_id=7, message_type=kind, group_id="1")
 
-    download = comm.encode(task.trainable_state(server.model, server.head_modules))
+    download = comm.encode(trainable_state(server.model, server.head_modules))
     round_content = lambda: RecordDict({protocol.DOWNLOAD_RECORD: codec.payload_record(download), protocol.CONFIG_RECORD: ConfigRecord({"round": 0, **shas})})  # noqa: E731
     early = client_app.train(message(round_content(), "train"), ctx)
     assert early.has_error() and protocol.MISSING_SETUP in early.error.reason
@@ -413,7 +414,7 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
     for ctx in (follower, late):
         send(client_app.setup, ctx, setup, protocol.SETUP_MESSAGE_TYPE)
 
-    download = comm.encode(task.trainable_state(server.model, server.head_modules))
+    download = comm.encode(trainable_state(server.model, server.head_modules))
     prev, base_id = root, root
     for r in range(3):
         if r:

@@ -81,6 +81,10 @@ def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
             "ServerApp on every partition (and the nodes' accountants would not see it); use init.data = 'public:<task>' "
             "or init.method = 'random'"
         )
+    if strategy.adapter_kind == "lorasb" and config.init.method == "svd":
+        out.append('init.method = "svd": the nodes would need the digest exchange of fedsb.init.one_time, which the ServerApp does not send yet (it broadcasts B and A)')
+    if strategy.adapter_kind == "lorasb" and config.init.broadcast_dtype == "int8":
+        out.append('init.broadcast_dtype = "int8": the ServerApp\'s setup message carries B and A in a safetensors wire dtype (fp32, bf16, fp16), not int8 with row scales')
     if settings.secagg:
         if not strategy.supports_secagg:
             out.append(f"secagg = true: {strategy.secagg_note}")
