@@ -34,29 +34,11 @@ from safetensors.torch import load_file
 from fedsb.adapter.inject import trainable_state
 from fedsb.config import config_from_dict
 from fedsb.federated.server import run_experiment
-from fedsb.flower.launch import BIN, LocalFederation
+from fedsb.flower.launch import LocalFederation
+from fixtures_flower import TINY, requires_flower
 
-pytestmark = pytest.mark.skipif(
-    not all((BIN / exe).exists() for exe in ("flower-superlink", "flower-supernode", "flwr")),
-    reason="Flower executables (flower-superlink, flower-supernode, flwr) are not installed in this environment",
-)
+pytestmark = requires_flower
 
-TINY = {
-    "seed": 5,
-    "model": {"name": "tiny-llama"},
-    "adapter": {"rank": 4, "targets": ["q_proj", "v_proj"]},
-    "init": {"method": "central", "num_samples": 8, "batch_size": 4},
-    "train": {"lr": 5e-3, "batch_size": 4, "local_steps": 2, "warmup_ratio": 0.1, "precision": "fp32", "max_length": 64},
-    "federation": {"num_clients": 2, "rounds": 2, "partition": "iid"},
-    "task": {
-        "name": "arith",
-        "options": {"generator": "chain_sum", "generator_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
-        "train_limit": 16,
-        "eval_limit": 2,
-        "max_new_tokens": 2,
-        "eval_batch_size": 2,
-    },
-}
 RUN_TIMEOUT = 900  # generous: a loaded 2-core machine runs each ClientApp process slowly
 
 
