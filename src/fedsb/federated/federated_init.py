@@ -75,16 +75,7 @@ def run_federated_init(fed: "Federation", ledger: "CommLedger") -> dict[str, Any
     )
     for name, layer in layers.items():
         install_from_update(layer, *result.factors[name])
-    for _ in fed.clients:
-        ledger.record_one_time("federated_init_up", result.upload_bytes_per_client)
-        ledger.record_one_time("federated_init_down", result.download_bytes_per_client)
-    return {
-        "lr_eff": lr_eff,
-        "examples_per_client": per_client,
-        "exchanges": result.rounds,
-        "upload_bytes_per_client": result.upload_bytes_per_client,
-        "download_bytes_per_client": result.download_bytes_per_client,
-    }
+    return _record_init_traffic(ledger, len(fed.clients), result, lr_eff=lr_eff, per_client=per_client)
 
 
 # --- the same protocol as messages (a transport moves each exchange) ---------------------------
@@ -151,7 +142,12 @@ def run_federated_init_exchanges(fed: "Federation", ledger: "CommLedger", exchan
     for name in shapes:
         install_from_update(layers[name], *svd.svd_from_projection(q[name], z[name], cfg.adapter.rank))
     cost = communication_cost(shapes, rank=cfg.adapter.rank, oversample=cfg.init.oversample, power_iters=cfg.init.power_iters)
-    for _ in fed.clients:
+    return _record_init_traffic(ledger, len(fed.clients), cost, lr_eff=lr_eff, per_client=per_client)
+
+
+def _record_init_traffic(ledger: "CommLedger", num_clients: int, cost: Any, *, lr_eff: float, per_client: Any) -> dict[str, Any]:
+    """Count the sketch exchanges as one-time bytes of every client; the init's summary."""
+    for _ in range(num_clients):
         ledger.record_one_time("federated_init_up", cost.upload_bytes_per_client)
         ledger.record_one_time("federated_init_down", cost.download_bytes_per_client)
     return {
