@@ -132,7 +132,7 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = "fedsb"
+    strategy: str = ""  # "": the registry's DEFAULT_STRATEGY (names live in fedsb.aggregation)
     num_clients: int = 10
     rounds: int = 1
     client_fraction: float = 1.0  # share of clients sampled each round
@@ -143,8 +143,9 @@ class FederationConfig:
     measure_exactness: bool = True
 
     def validate(self) -> None:
-        from fedsb.aggregation import strategy_names
+        from fedsb.aggregation.registry import DEFAULT_STRATEGY, strategy_names
 
+        self.strategy = self.strategy or DEFAULT_STRATEGY
         _one_of("federation.strategy", self.strategy, tuple(strategy_names()))
         _positive("federation.num_clients", self.num_clients)
         _positive("federation.rounds", self.rounds)

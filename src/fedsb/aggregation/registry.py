@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from fedsb.aggregation.base import Strategy
 
 _STRATEGIES: dict[str, type["Strategy"]] = {}
+DEFAULT_STRATEGY = "fedsb"  # what `federation.strategy` is when a config does not say
 
 
 def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:

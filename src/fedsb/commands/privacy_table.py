@@ -19,7 +19,9 @@ import json
 import math
 import statistics
 import time
+import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +30,8 @@ import typer
 from fedsb.aggregation import get_strategy, strategy_names
 from fedsb.config import load_config
 
-DEFAULT_METHODS = "fedsb:32,fedsb:48,fedsb:64,ffa:32,fedit:32,fedex:32"
+_DEFAULTS = tomllib.loads(resources.files("fedsb.resources").joinpath("privacy-table.toml").read_text())
+DEFAULT_METHODS: str = _DEFAULTS["methods"]
 SETTINGS = {"centralized": 1, "federated": 3}
 # Display names: each strategy's own (the registry), plus the two reference rows.
 NAMES = {
@@ -37,8 +40,8 @@ NAMES = {
 }  # fmt: skip
 REFERENCES = ("probe", "full")
 # The paper's federated private figures (BERT-base, SNLI, 3 clients): accuracy % at epsilon 1 / 3.
-PAPER_FEDERATED = {("fedsb", 64): (73.8, 74.9), ("fedsb", 32): (70.3, 72.7), ("ffa", 32): (70.1, 71.5), ("fedex", 32): (67.4, 69.7)}
-QUICK_METHODS = "fedsb:32,ffa:32"
+PAPER_FEDERATED = {(p["strategy"], int(p["rank"])): (float(p["eps1"]), float(p["eps3"])) for p in _DEFAULTS["paper_federated"]}
+QUICK_METHODS: str = _DEFAULTS["quick_methods"]
 QUICK_EPSILONS = [1.0, math.inf]
 QUICK_OVERRIDES = ["task.train_limit=240", "task.eval_limit=200", "federation.rounds=1", "train.batch_size=16", "train.grad_accum=2", "init.num_samples=32"]
 

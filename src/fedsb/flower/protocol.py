@@ -14,6 +14,8 @@ DOWNLOAD_RECORD = "fedsb.download"  # ArrayRecord: safetensors of the global R (
 BASE_RECORD = "fedsb.base"  # ArrayRecord: safetensors of the folded base weights (FedEx/FLoRA catch-up)
 UPDATE_RECORD = "fedsb.update"  # ArrayRecord: safetensors of the client's R; init: its sketch message
 METRICS_RECORD = "fedsb.metrics"  # MetricRecord: loss, steps, tokens, seconds, num-examples
+NODE_MESSAGE_METRIC = "node-message-seconds"  # train reply: the ClientApp process's age at its reply
+NODE_STARTUP_METRIC = "node-startup-seconds"  # train reply: that age minus the training seconds
 NODE_RECORD = "fedsb.node"  # ConfigRecord: partition-id, has-frozen (+ base-id it trained on)
 
 MISSING_SETUP = "missing-setup"  # error reason prefix: the server re-sends setup to that node

@@ -55,7 +55,9 @@ from fedsb.flower.protocol import (
     INIT_RECORD,
     METRICS_RECORD,
     MISSING_SETUP,
+    NODE_MESSAGE_METRIC,
     NODE_RECORD,
+    NODE_STARTUP_METRIC,
     SETUP_MESSAGE_TYPE,
     SETUP_RECORD,
     UPDATE_RECORD,
@@ -326,7 +328,7 @@ class FlowerTransport:
                 f"round {round_index + 1}: {len(accepted)} accepted updates of {len(sampled)} sampled, min-replies = {self.settings.min_replies}"
             )
         updates = [self._client_update(fed, pid, tensors, metrics[pid], replies[pid], sizes[pid]) for pid, tensors in sorted(accepted.items())]  # `sampled` is sorted: the simulation's order
-        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "updates": updates, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds}
+        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "updates": updates, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds, "node_seconds": _node_seconds(replies)}
 
     @staticmethod
     def _client_update(fed: Federation, pid: int, tensors: dict[str, Tensor], metrics: dict[str, float], reply: Message | None, size: int) -> ClientUpdate:
@@ -418,6 +420,7 @@ class FlowerTransport:
                 "message_bytes_up": sum(self.grid.received.values()),
                 **({"base_catchup_bytes": self.catchup_bytes} if self.folds else {}),
                 **({"secagg_aggregate": info["secagg_aggregate"]} if "secagg_aggregate" in info else {}),
+                **({"node_seconds": info["node_seconds"]} if info.get("node_seconds") else {}),
             },
         }
         failures = {**info["missing"], **info["rejected"]}
@@ -558,6 +561,16 @@ class FlowerTransport:
                 "events": len(self.events),
             }
         }
+
+
+def _node_seconds(replies: dict[int, Message]) -> dict[str, dict[str, float]]:
+    """Per partition: the ClientApp process's start-up and its whole message time, as reported."""
+    out = {}
+    for pid, reply in sorted(replies.items()):
+        m = reply.content.metric_records.get(METRICS_RECORD)
+        if m is not None and NODE_STARTUP_METRIC in m and NODE_MESSAGE_METRIC in m:
+            out[str(pid)] = {"startup": float(m[NODE_STARTUP_METRIC]), "message": float(m[NODE_MESSAGE_METRIC])}
+    return out
 
 
 def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict[str, Any]:
