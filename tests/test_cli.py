@@ -100,3 +100,42 @@ def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_pat
     # finished runs are kept: a second call evaluates nothing and writes the same section
     calls.clear()
     assert runner.invoke(app, args).exit_code == 0 and calls == [] and doc.read_text() == text
+
+
+def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_held_elsewhere(tmp_path, monkeypatch):
+    """A `fedsb results` stopped after the base model's evaluation does not evaluate it again
+    when restarted; a strategy whose folder another live process holds is left to it."""
+    import os
+
+    from fedsb.federated import experiment, server
+    from fedsb.rundir import LOCK_NAME
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    data = json.loads(json.dumps(TINY))
+    data["federation"]["rounds"] = 1
+    (configs / "tiny.toml").write_text(tomli_w.dumps(data))
+    out = tmp_path / "runs"
+    args = ["results", "--experiment", "tiny", "--strategy", "fedsb", "--strategy", "fedit", "--configs", str(configs),
+            "--out", str(out), "--doc", str(tmp_path / "results.md"), "--baseline-rank", "2"]
+    calls = []
+    real = server.evaluate_federation
+    monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("stopped after the base evaluation")
+
+    monkeypatch.setattr(experiment, "initialize_adapter", die)
+    assert runner.invoke(app, args).exit_code != 0
+    assert calls == [1] and (out / "tiny" / "fedsb" / experiment.BASE_EVAL_FILE).exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
+    (out / "tiny" / "fedit").mkdir(parents=True)
+    held = {"pid": os.getppid(), "host": __import__("socket").gethostname(), "proc_start": None, "started": "now"}
+    (out / "tiny" / "fedit" / LOCK_NAME).write_text(json.dumps(held))  # a live process holds fedit
+    calls.clear()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [1]  # only fedsb's evaluation after its round: the base came from the file
+    assert "being run by another process" in result.output
+    assert (out / "tiny" / "fedsb" / "summary.json").exists() and not (out / "tiny" / "fedit" / "summary.json").exists()

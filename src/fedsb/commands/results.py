@@ -65,6 +65,7 @@ def results(
     """Run each experiment for each strategy; write a markdown table per experiment."""
     from fedsb.config import load_config
     from fedsb.federated.server import run_experiment
+    from fedsb.rundir import RunDirError, RunLock
 
     console = Console()
     sections = []
@@ -78,20 +79,54 @@ def results(
             run_dir = out / experiment / strategy
             done = run_dir / "summary.json"
             if done.exists():  # resumable: finished runs are kept
-                summary = json.loads(done.read_text())
-            else:
+                summaries.append(json.loads(done.read_text()))
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            try:  # two invocations may share the work: each takes the strategies nobody holds
+                lock.acquire()
+            except RunDirError:
+                console.print(f"{experiment} / {strategy}: being run by another process; skipped here")
+                continue
+            try:
                 console.print(f"[bold]{experiment} / {strategy}[/bold]")
                 # Every strategy starts from the same base model and scores the same examples,
-                # so the base model's evaluation is done once per experiment.
-                base = summaries[0]["eval_before"] if summaries else None
-                summary = run_experiment(cfg, run_dir, base_eval=base)
-            summaries.append(summary)
+                # so the base model's evaluation is done once per experiment (and kept on disk).
+                base = sibling_base_eval(out / experiment, cfg)
+                resume = (run_dir / "checkpoint" / "meta.json").exists()
+                summaries.append(run_experiment(cfg, run_dir, base_eval=base, resume=resume))
+            finally:
+                lock.release()
         sections.append(markdown(experiment, summaries))
         atomic_write_json(out / experiment / "summaries.json", summaries)
     text = "\n".join(sections)
     console.print(text)
     if doc is not None:
         write_section(doc, text)
+
+
+def sibling_base_eval(experiment_dir: Path, config: Any) -> dict[str, Any] | None:
+    """The base model's evaluation from another run of this experiment whose config gives the
+    same `base_eval_key` (a finished run's summary, or the file a run writes as soon as it has
+    evaluated the base model, even if it died afterwards); None if there is none."""
+    from fedsb.config import ConfigError, load_config
+    from fedsb.federated.experiment import BASE_EVAL_FILE, base_eval_key
+
+    key = base_eval_key(config)
+    for run_dir in sorted(p for p in experiment_dir.iterdir() if p.is_dir()):
+        for name in ("summary.json", BASE_EVAL_FILE):
+            path = run_dir / name
+            if not path.exists() or not (run_dir / "config.toml").exists():
+                continue
+            try:
+                same = base_eval_key(load_config(run_dir / "config.toml")) == key
+                data = json.loads(path.read_text())
+            except (ConfigError, OSError, ValueError):
+                continue
+            found = data.get("eval_before") if name == "summary.json" else data.get("eval")
+            if same and found:
+                return found
+    return None
 
 
 BEGIN, END = "<!-- fedsb results: begin -->", "<!-- fedsb results: end -->"

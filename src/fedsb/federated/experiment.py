@@ -37,7 +37,7 @@ from fedsb.federated.client import ClientUpdate
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import sample_clients
 from fedsb.federated.server import Federation, initialize_adapter, summarize
-from fedsb.rundir import publish_result
+from fedsb.rundir import atomic_write_json, publish_result
 
 
 @dataclass
@@ -150,6 +150,19 @@ def play_round(fed: Federation, transport: Transport, round_index: int, download
     return metrics, encoded
 
 
+BASE_EVAL_FILE = "eval_before.json"  # the base model's evaluation, written as soon as it is done
+
+
+def base_eval_key(config: ExperimentConfig) -> str:
+    """What the base model's evaluation depends on (model, task and its evaluation, seed,
+    precision, length): runs with equal keys, e.g. the strategies of one experiment, share it."""
+    import dataclasses
+    import hashlib
+
+    parts = {"model": dataclasses.asdict(config.model), "task": dataclasses.asdict(config.task), "seed": config.seed, "precision": config.train.precision, "max_length": config.train.max_length}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass
 class RunState:
     """The typed part of a checkpoint's meta: where a resumed run continues from."""
@@ -230,6 +243,7 @@ class Experiment:
         else:
             atomic_write_bytes(self.out_dir / "config.toml", dump_config(config).encode())
             before = self.base_eval if self.base_eval is not None else _server.evaluate_federation(fed)  # adapters are no-ops
+            atomic_write_json(self.out_dir / BASE_EVAL_FILE, {"key": base_eval_key(config), "eval": before})  # kept if the run dies
             ledger = comm.CommLedger()
             init_info = initialize_adapter(fed, ledger, getattr(transport, "init_exchange", None))
             if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
