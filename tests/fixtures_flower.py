@@ -28,3 +28,28 @@ TINY = {
         "eval_batch_size": 2,
     },
 }
+
+
+def server_side(monkeypatch, data: dict | None = None):
+    """What a ServerApp holds before round 1 of `data` (default TINY), for calling the ClientApp's
+    handlers without processes: (federation after init, frozen B/A bytes, config text, the two
+    sha256 fields of every message, the round-1 download)."""
+    import json
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsb.adapter.inject import trainable_state
+    from fedsb.config import config_from_dict
+    from fedsb.federated import comm
+    from fedsb.federated.server import build_federation, initialize_adapter
+    from fedsb.flower import task
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a ServerApp process has
+        monkeypatch.setattr(TaskIdentity, name, value)
+    config = config_from_dict(json.loads(json.dumps(data or TINY)))
+    server = build_federation(config)
+    initialize_adapter(server, comm.CommLedger())
+    frozen = comm.encode(task.frozen_state(server))
+    text = task.config_text(config)
+    shas = {"config-sha256": task.sha256(text), "frozen-sha256": task.sha256(frozen)}
+    return server, frozen, text, shas, comm.encode(trainable_state(server.model, server.head_modules))

@@ -74,14 +74,20 @@ def test_demo_machinery_on_tiny_model(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "summary.json").read_text()) == result
 
 
-def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_path, monkeypatch):
-    from fedsb.federated import server
-
+def one_round_tiny_configs(tmp_path):
+    """A configs folder holding `tiny.toml`: TINY in one round."""
     configs = tmp_path / "configs"
     configs.mkdir()
     data = json.loads(json.dumps(TINY))
     data["federation"]["rounds"] = 1
     (configs / "tiny.toml").write_text(tomli_w.dumps(data))
+    return configs
+
+
+def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_path, monkeypatch):
+    from fedsb.federated import server
+
+    configs = one_round_tiny_configs(tmp_path)
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nprose before\n\n<!-- fedsb results: begin -->\nold\n<!-- fedsb results: end -->\n\nprose after\n")
     calls = []
@@ -110,11 +116,7 @@ def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_hel
     from fedsb.federated import experiment, server
     from fedsb.rundir import LOCK_NAME
 
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    data = json.loads(json.dumps(TINY))
-    data["federation"]["rounds"] = 1
-    (configs / "tiny.toml").write_text(tomli_w.dumps(data))
+    configs = one_round_tiny_configs(tmp_path)
     out = tmp_path / "runs"
     args = ["results", "--experiment", "tiny", "--strategy", "fedsb", "--strategy", "fedit", "--configs", str(configs),
             "--out", str(out), "--doc", str(tmp_path / "results.md"), "--baseline-rank", "2"]

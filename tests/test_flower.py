@@ -35,7 +35,7 @@ from fedsb.adapter.inject import trainable_state
 from fedsb.config import config_from_dict
 from fedsb.federated.server import run_experiment
 from fedsb.flower.launch import LocalFederation
-from fixtures_flower import TINY, requires_flower
+from fixtures_flower import TINY, requires_flower, server_side
 
 pytestmark = requires_flower
 
@@ -298,26 +298,16 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
 
     from fedsb.federated import comm
     from fedsb.federated.client import ClientState
-    from fedsb.federated.server import build_federation, initialize_adapter
     from fedsb.federated.transport import client_round
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedsb.flower import client_app, codec, protocol, task
 
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a ServerApp process has
-        monkeypatch.setattr(TaskIdentity, name, value)
-    config = config_from_dict(json.loads(json.dumps(TINY)))
-    server = build_federation(config)
-    initialize_adapter(server, comm.CommLedger())
-    frozen = comm.encode(task.frozen_state(server))
-    text = task.config_text(config)
-    shas = {"config-sha256": task.sha256(text), "frozen-sha256": task.sha256(frozen)}
+    server, frozen, text, shas, download = server_side(monkeypatch)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "cache-dir": str(tmp_path / "cache")}, state=RecordDict(), run_config={})
 
     def message(content: RecordDict, kind: str) -> Message:
         return Message(content, dst_node_id=7, message_type=kind, group_id="1")
 
-    download = comm.encode(trainable_state(server.model, server.head_modules))
     round_content = lambda: RecordDict({protocol.DOWNLOAD_RECORD: codec.payload_record(download), protocol.CONFIG_RECORD: ConfigRecord({"round": 0, **shas})})  # noqa: E731
     early = client_app.train(message(round_content(), "train"), ctx)
     assert early.has_error() and protocol.MISSING_SETUP in early.error.reason

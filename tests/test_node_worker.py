@@ -4,7 +4,6 @@ caller without the node's key is refused; the worker exits when its SuperNode do
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,14 +14,10 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 
 import pytest
-from fixtures_flower import TINY
+from fixtures_flower import server_side
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedsb.adapter.inject import trainable_state
-from fedsb.config import config_from_dict
 from fedsb.federated import comm
-from fedsb.federated.server import build_federation, initialize_adapter
 from fedsb.flower import client_app, codec, node_worker, protocol, task
 
 
@@ -45,15 +40,7 @@ def _kill_worker(paths: node_worker.WorkerPaths) -> None:
 def node(tmp_path, monkeypatch):
     """A server-side federation, the messages of its first round, and two contexts for the same
     partition (one through a worker, one in this process), each with its own cache."""
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a ServerApp process has
-        monkeypatch.setattr(TaskIdentity, name, value)
-    config = config_from_dict(json.loads(json.dumps(TINY)))
-    server = build_federation(config)
-    initialize_adapter(server, comm.CommLedger())
-    frozen = comm.encode(task.frozen_state(server))
-    text = task.config_text(config)
-    shas = {"config-sha256": task.sha256(text), "frozen-sha256": task.sha256(frozen)}
-    download = comm.encode(trainable_state(server.model, server.head_modules))
+    _, frozen, text, shas, download = server_side(monkeypatch)
 
     def message(kind: str) -> Message:
         if kind == "setup":
@@ -74,6 +61,8 @@ def node(tmp_path, monkeypatch):
         return p
 
     yield message, context, paths
+    task._FEDERATIONS.clear()  # the handlers' per-process cache: what this test built stays here
+    task._BASE_IDS.clear()
     for p in made:
         _kill_worker(p)
         shutil.rmtree(p.folder, ignore_errors=True)

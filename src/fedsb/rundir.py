@@ -117,14 +117,18 @@ def _process_start(pid: int) -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` exists on this host (one we may not signal still counts)."""
+    """Whether a process `pid` runs on this host (one we may not signal still counts; a zombie,
+    dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it exists
 
 
 class RunLock:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsb.rundir import pid_alive
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 
@@ -66,14 +68,6 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def stop_tree(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """SIGTERM the process and every descendant (by pid), then SIGKILL what is left."""
     pids = descendants(proc.pid) + [proc.pid]
@@ -83,11 +77,11 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         proc.poll()
         time.sleep(0.1)
     for pid in pids + [d for d in descendants(proc.pid)]:
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -299,7 +293,7 @@ class LocalFederation:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(part.endswith(b"flwr-serverapp") for part in cmdline[:2]) and _alive(pid):
+            if any(part.endswith(b"flwr-serverapp") for part in cmdline[:2]) and pid_alive(pid):
                 out.append(pid)
         return out
 

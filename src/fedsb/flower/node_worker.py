@@ -238,14 +238,6 @@ def _connect(paths: WorkerPaths) -> Connection:
 # --- the worker process ----------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _answer(conn: Connection, handle: Any) -> tuple[bytes, bytes, Any]:
     """Handle one forwarded message from `conn`; return the two reply frames (sent by the
     caller after it marked the worker free, so the next message never finds it busy) and what
@@ -285,7 +277,9 @@ def _clean_up(paths: WorkerPaths) -> None:
 
 def _watch_supernode(supernode_pid: int, paths: WorkerPaths) -> None:
     """Exit the moment the SuperNode is gone, even in the middle of a (hung) message."""
-    while _alive(supernode_pid):
+    from fedsb.rundir import pid_alive
+
+    while pid_alive(supernode_pid):
         time.sleep(PARENT_POLL)
     _clean_up(paths)
     os._exit(0)
