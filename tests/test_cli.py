@@ -89,7 +89,8 @@ def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_pat
 
     configs = one_round_tiny_configs(tmp_path)
     doc = tmp_path / "results.md"
-    doc.write_text("# Results\n\nprose before\n\n<!-- fedsb results: begin -->\nold\n<!-- fedsb results: end -->\n\nprose after\n")
+    other = "### arithmetic-small\n\n| kept | 1 |\n|---|---|\n"  # another experiment's table: not this call's business
+    doc.write_text(f"# Results\n\nprose before\n\n<!-- fedsb results: begin -->\nold\n\n{other}\n<!-- fedsb results: end -->\n\nprose after\n")
     calls = []
     real = server.evaluate_federation
     monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
@@ -100,7 +101,8 @@ def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_pat
     assert len(calls) == 3  # base model once, then the end of each strategy's round
     text = doc.read_text()
     assert text.startswith("# Results\n\nprose before") and text.rstrip().endswith("prose after") and "old" not in text
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert other in text and text.index(other) < text.index("### tiny")
+    rows = [line for line in text.split("### tiny", 1)[1].splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| base model (no fine-tuning)", "| fedsb", "| fedit"]
     assert "| fedit | 2 |" in text
     # finished runs are kept: a second call evaluates nothing and writes the same section

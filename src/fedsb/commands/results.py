@@ -33,9 +33,18 @@ def per_task(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return ev.get("per_task") or ({"accuracy": ev} if ev else {})
 
 
+def scoring_line(evals: dict[str, dict[str, Any]]) -> str:
+    """How the cells were scored, per benchmark: protocol, the metric shown, examples, precision."""
+    parts = []
+    for name, ev in evals.items():
+        if ev.get("protocol"):
+            parts.append(f"{name}: {ev['protocol']} protocol, {ev.get('headline') or 'accuracy'}, n = {ev.get('n', '?')}, {ev.get('precision_used') or ev.get('precision') or '?'}")
+    return ("Scored by " + "; ".join(parts) + ". Cells: that metric [95% Wilson interval].\n\n") if parts else ""
+
+
 def markdown(experiment: str, summaries: list[dict[str, Any]]) -> str:
     tasks = list(per_task(summaries[0]["eval_after"])) if summaries else []
-    head = f"### {experiment}\n\n| strategy | rank | " + " | ".join(tasks)
+    head = f"### {experiment}\n\n{scoring_line(per_task(summaries[0]['eval_after']))}| strategy | rank | " + " | ".join(tasks)
     head += " | up/client/round | total bytes | max exactness err |\n|---|---:|" + "---:|" * (len(tasks) + 3) + "\n"
     before = per_task(summaries[0]["eval_before"]) if summaries else {}
     rows = [
@@ -68,7 +77,7 @@ def results(
     from fedsb.rundir import RunDirError, RunLock
 
     console = Console()
-    sections = []
+    sections: dict[str, str] = {}
     for experiment in experiments:
         summaries: list[dict[str, Any]] = []
         for strategy in strategies:
@@ -97,12 +106,11 @@ def results(
                 summaries.append(run_experiment(cfg, run_dir, base_eval=base, resume=resume))
             finally:
                 lock.release()
-        sections.append(markdown(experiment, summaries))
+        sections[experiment] = markdown(experiment, summaries)
         atomic_write_json(out / experiment / "summaries.json", summaries)
-    text = "\n".join(sections)
-    console.print(text)
+    console.print("\n".join(sections.values()))
     if doc is not None:
-        write_section(doc, text)
+        write_section(doc, sections)
 
 
 def sibling_base_eval(experiment_dir: Path, config: Any) -> dict[str, Any] | None:
@@ -132,15 +140,21 @@ def sibling_base_eval(experiment_dir: Path, config: Any) -> dict[str, Any] | Non
 BEGIN, END = "<!-- fedsb results: begin -->", "<!-- fedsb results: end -->"
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Put `text` between the BEGIN/END markers of `doc`, keeping the prose around them; a file
-    without markers is (re)written with the section alone."""
-    section = f"{BEGIN}\n\nProduced by `fedsb results`.\n\n{text}\n{END}"
+def write_section(doc: Path, tables: dict[str, str]) -> None:
+    """Put each experiment's table ("### name" block) between the BEGIN/END markers of `doc`,
+    replacing that experiment's old block and keeping the other experiments' blocks and the
+    prose around the markers; a file without markers is (re)written with the section alone."""
     old = doc.read_text() if doc.exists() else ""
+    blocks: dict[str, str] = {}
     if BEGIN in old and END in old:
         head, rest = old.split(BEGIN, 1)
-        new = head + section + rest.split(END, 1)[1]
+        body, tail = rest.split(END, 1)
+        for chunk in ("\n" + body).split("\n### ")[1:]:  # the text before the first heading is the preamble
+            name = chunk.split("\n", 1)[0].strip()
+            blocks[name] = "### " + chunk.strip("\n") + "\n"
     else:
-        new = "# Results of the small experiments\n\n" + section + "\n"
+        head, tail = "# Results of the small experiments\n\n", "\n"
+    blocks.update(tables)
+    section = f"{BEGIN}\n\nProduced by `fedsb results`.\n\n" + "\n".join(blocks.values()) + f"\n{END}"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(doc, new.encode())
+    atomic_write_bytes(doc, (head + section + tail).encode())
