@@ -96,15 +96,10 @@ def plan_cells(methods: list[tuple[str, int]], epsilons: list[float], settings: 
 
 
 def run_one(config_path: Path, overrides: list[str], out_dir: Path) -> dict[str, Any]:
-    """One adapter run (run_experiment resumes a half-finished one from its checkpoint)."""
-    from fedsb.federated.checkpoint import CHECKPOINT_DIR, META
-    from fedsb.federated.server import run_experiment
+    """One adapter run (a finished one is read back, a half-finished one resumes)."""
+    from fedsb.federated.server import run_or_resume
 
-    done = out_dir / "summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    resume = (out_dir / CHECKPOINT_DIR / META).exists()
-    return run_experiment(load_config(config_path, overrides), out_dir, resume=resume)
+    return run_or_resume(load_config(config_path, overrides), out_dir)
 
 
 def run_reference_cell(config_path: Path, overrides: list[str], kind: str, lr: float | None) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def results(
 ) -> None:
     """Run each experiment for each strategy; write a markdown table per experiment."""
     from fedsb.config import load_config
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.server import run_or_resume
     from fedsb.rundir import RunDirError, RunLock
 
     console = Console()
@@ -101,9 +101,7 @@ def results(
                 console.print(f"[bold]{experiment} / {strategy}[/bold]")
                 # Every strategy starts from the same base model and scores the same examples,
                 # so the base model's evaluation is done once per experiment (and kept on disk).
-                base = sibling_base_eval(out / experiment, cfg)
-                resume = (run_dir / "checkpoint" / "meta.json").exists()
-                summaries.append(run_experiment(cfg, run_dir, base_eval=base, resume=resume))
+                summaries.append(run_or_resume(cfg, run_dir, base_eval=sibling_base_eval(out / experiment, cfg)))
             finally:
                 lock.release()
         sections[experiment] = markdown(experiment, summaries)

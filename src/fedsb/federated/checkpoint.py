@@ -109,6 +109,12 @@ def _load_verified(ckpt: Path, meta_name: str) -> tuple[dict[str, Any], dict[str
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
 
+def has_checkpoint(out_dir: str | Path) -> bool:
+    """Whether the folder holds a checkpoint to resume from (its meta file; `load_checkpoint`
+    verifies it, and falls back on the previous one, when it loads)."""
+    return (Path(out_dir) / CHECKPOINT_DIR / META).exists()
+
+
 def checkpoint_round(out_dir: Path) -> int | None:
     """The last completed round (0-based) recorded in the folder, if any."""
     meta = _read_meta(Path(out_dir) / CHECKPOINT_DIR / META)

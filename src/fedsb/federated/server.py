@@ -318,6 +318,20 @@ def run_experiment(
     return Experiment(config, out_dir, base_eval=base_eval, config_changes=config_changes).run(InProcessTransport(), resume=resume)
 
 
+def run_or_resume(config: ExperimentConfig, out_dir: str | Path, *, base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A finished run's summary as it is; otherwise `run_experiment`, continuing from the
+    folder's checkpoint when it has one (the base model's evaluation then comes from it)."""
+    import json
+
+    from fedsb.federated.checkpoint import has_checkpoint
+
+    done = Path(out_dir) / "summary.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    resume = has_checkpoint(out_dir)
+    return run_experiment(config, out_dir, resume=resume, base_eval=None if resume else base_eval)
+
+
 def summarize(config: ExperimentConfig, rows: list[dict[str, Any]], ledger: comm.CommLedger, init_info: dict[str, Any], before: dict[str, Any], seconds: float) -> dict[str, Any]:
     after = next((r["eval"] for r in reversed(rows) if r.get("eval")), {})
     errors = [r["exactness_max"] for r in rows if r.get("exactness_max") is not None]

@@ -43,6 +43,8 @@ from typing import Any
 
 from flwr.app import Context, Error, Message
 
+from fedsb.flower.protocol import METRICS_RECORD, NODE_MESSAGE_METRIC, NODE_STARTUP_METRIC
+
 IDLE_SECONDS = 1800.0  # a worker nobody used for this long exits (its SuperNode may live on)
 SPAWN_TIMEOUT = 300.0  # seconds to wait for a new worker's socket (imports, on a loaded machine)
 PARENT_POLL = 0.5
@@ -162,8 +164,6 @@ def dispatch(kind: str, msg: Message, context: Context) -> Message:
 def _with_timing(reply: Message) -> Message:
     """A train reply also says how long this process lived and how much of it was not training
     (interpreter, imports, Flower's pull, model and data when built here, a new worker)."""
-    from fedsb.flower.protocol import METRICS_RECORD, NODE_MESSAGE_METRIC, NODE_STARTUP_METRIC
-
     age = process_age()
     if age is None or reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
         return reply

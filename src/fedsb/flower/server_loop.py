@@ -40,6 +40,7 @@ from fedsb.adapter.inject import trainable_state
 from fedsb.aggregation import get_strategy
 from fedsb.config import ConfigError, ExperimentConfig
 from fedsb.federated import comm
+from fedsb.federated.checkpoint import has_checkpoint
 from fedsb.federated.client import ClientState, ClientUpdate
 from fedsb.federated.experiment import Experiment, RoundExchange, RunContext
 from fedsb.federated.server import Federation
@@ -579,7 +580,7 @@ def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict
     check_supported(config, settings)
     out_dir = Path(settings.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    resume = settings.resume and (out_dir / "checkpoint" / "meta.json").exists()
+    resume = settings.resume and has_checkpoint(out_dir)
     base_eval = json.loads(Path(settings.base_eval).read_text()) if settings.base_eval else None
     if not resume:
         (out_dir / "flower_events.jsonl").unlink(missing_ok=True)

@@ -100,7 +100,7 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
     """Run `cell` unless it is finished or another live process holds it; returns its summary
     (None when someone else has it). An interrupted run continues from its last round."""
     from fedsb.federated.checkpoint import CHECKPOINT_DIR
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.server import run_or_resume
 
     folder = cell_dir(sweep, cell)
     if is_done(sweep, cell):
@@ -118,11 +118,7 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
             (folder / "attempts.jsonl").unlink(missing_ok=True)
         stamp.write_text(fingerprint(sweep, cell))
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        if (run / "summary.json").exists():
-            summary = json.loads((run / "summary.json").read_text())
-        else:
-            resume = (run / CHECKPOINT_DIR / "meta.json").exists()
-            summary = run_experiment(config, run, resume=resume, base_eval=None if resume else base_eval)
+        summary = run_or_resume(config, run, base_eval=base_eval)
         attempt = {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "resumed": (run / CHECKPOINT_DIR).exists()}
         with (folder / "attempts.jsonl").open("a") as f:  # CPU time survives interruptions
             f.write(json.dumps(attempt) + "\n")
