@@ -206,3 +206,39 @@ def test_command_writes_the_report_and_rejects_bad_phases(tmp_path):
     md = (tmp_path / "docs/frontier.md").read_text()
     assert "No test run has finished yet" in md and "| Fed-SB | fedsb | 4 | 0.001, 0.01 |" in md
     assert CliRunner().invoke(app, [*args, "--phase", "bogus"]).exit_code != 0
+
+
+def test_scoring_frequency_per_phase(tmp_path):
+    """eval_every thins the test curve; validation_every = 0 scores selection runs at the end only."""
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    (tmp_path / "sweep.toml").write_text("eval_every = 2\nvalidation_every = 0\n" + SWEEP)
+    s = load_sweep(tmp_path / "sweep.toml")
+    select, = [c for c in s.selection_cells() if c.method.name == "FedIT" and c.lr == 1e-3]
+    assert s.cell_config(select).task.eval_every == 0
+    test = s.test_cells({("FedIT", 2): 1e-3})[0]
+    assert s.cell_config(test).task.eval_every == 2
+    (tmp_path / "bad.toml").write_text("eval_every = 0\n" + SWEEP)
+    with pytest.raises(Exception, match="eval_every"):
+        load_sweep(tmp_path / "bad.toml")
+
+
+def test_fingerprint_ignores_a_new_option_left_at_its_default(sweep, monkeypatch):
+    """A finished cell stays finished when a later version adds an option whose default keeps
+    the old behaviour; changing a setting the cell uses still invalidates it."""
+    from fedsb import config as config_mod
+    from fedsb.sweep.cells import fingerprint
+
+    cell = sweep.selection_cells()[0]
+    before = fingerprint(sweep, cell)
+    real = config_mod.ExperimentConfig.to_dict
+
+    def with_new_option(self):
+        d = real(self)
+        d["train"]["brand_new_option"] = 1  # the same in the default config and in the cell's
+        return d
+
+    monkeypatch.setattr(config_mod.ExperimentConfig, "to_dict", with_new_option)
+    assert fingerprint(sweep, cell) == before
+    monkeypatch.undo()
+    sweep.set.append("train.max_grad_norm=0.5")
+    assert fingerprint(sweep, cell) != before

@@ -408,6 +408,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: {e}") from None
 
 
+def non_default_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The settings of `config` that differ from the defaults (nested like the TOML; a default
+    that was unset shows as None). Unlike the full dump it stays the same when a later version
+    adds an option whose default keeps the old behaviour, so it can key finished work."""
+
+    def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in a.items():
+            if isinstance(v, dict) and isinstance(b.get(k), dict):
+                if sub := diff(v, b[k]):
+                    out[k] = sub
+            elif k not in b or b[k] != v:
+                out[k] = v
+        out.update({k: None for k in b if k not in a})
+        return out
+
+    return diff(config.to_dict(), ExperimentConfig().to_dict())
+
+
 def dump_config(config: ExperimentConfig) -> str:
     import tomli_w
 

@@ -31,10 +31,12 @@ def cell_dir(sweep: Sweep, cell: Cell) -> Path:
 
 
 def fingerprint(sweep: Sweep, cell: Cell) -> str:
-    """SHA-256 of the cell's full experiment config: an edited sweep file invalidates old cells."""
-    from fedsb.config import dump_config
+    """SHA-256 of the cell's settings that differ from the defaults: an edited sweep file
+    invalidates old cells, a new option whose default keeps today's behaviour does not."""
+    from fedsb.config import non_default_settings
 
-    return hashlib.sha256(dump_config(sweep.cell_config(cell)).encode()).hexdigest()
+    text = json.dumps(non_default_settings(sweep.cell_config(cell)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_summary(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:

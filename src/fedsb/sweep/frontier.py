@@ -130,12 +130,12 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
             )
         lines.append("")
         lines.append("### Accuracy per round (test, mean over seeds, %)\n")
-        width = max(len(g["curve"]) for g in groups)
-        lines.append("| method | rank | " + " | ".join("base" if i == 0 else f"r{i}" for i in range(width)) + " |")
-        lines.append("|---|---:|" + "---:|" * width)
+        scored = sorted({p["round"] for g in groups for p in g["curve"]})  # rounds 0 (base) and every k-th
+        lines.append("| method | rank | " + " | ".join("base" if r == 0 else f"r{r}" for r in scored) + " |")
+        lines.append("|---|---:|" + "---:|" * len(scored))
         for g in groups:
-            cells = [_pct(p["accuracy"]) for p in g["curve"]] + ["-"] * (width - len(g["curve"]))
-            lines.append(f"| {g['method']} | {g['rank']} | " + " | ".join(cells) + " |")
+            by_round = {p["round"]: _pct(p["accuracy"]) for p in g["curve"]}
+            lines.append(f"| {g['method']} | {g['rank']} | " + " | ".join(by_round.get(r, "-") for r in scored) + " |")
         lines.append("")
         buckets = sorted({b for g in groups for b in g["by_bucket"]})
         if buckets:

@@ -7,6 +7,8 @@
     validation_size = 100                  # carved from the training data, never the test set
     selection_seed = 0
     seeds = [0, 1, 2]                      # the chosen setting is scored on test with these
+    eval_every = 1                         # test runs: score every k rounds (the final round always)
+    validation_every = 0                   # selection runs: likewise (0: the final round only)
 
     [[method]]
     name = "Fed-SB"
@@ -75,6 +77,8 @@ class Sweep:
     title: str = "Accuracy against communication"
     experiment_name: str = "inline"  # the experiment file the sweep builds on
     note: str = ""  # printed at the top of the report (e.g. "reduced grid")
+    eval_every: int = 1  # test cells are scored every k rounds (and at the final round)
+    validation_every: int = 1  # selection cells likewise (0: the final round only)
 
     def selection_cells(self) -> list[Cell]:
         return [Cell("select", m, r, lr, self.selection_seed) for m in self.methods for r in m.ranks for lr in m.lrs]
@@ -104,9 +108,10 @@ class Sweep:
         }
         task["name"] = "holdout"
         task["eval_tasks"], task["eval_options"] = [], {}  # the frontier scores the training task
-        task["eval_every"] = 1  # a point per round: every run is a curve
+        task["eval_every"] = self.eval_every  # a point every k rounds: every test run is a curve
         if cell.phase == "select":
             task["eval_limit"] = self.validation_limit or self.validation_size
+            task["eval_every"] = self.validation_every
         return config_from_dict(data)
 
 
@@ -146,7 +151,11 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         validation_limit=data.get("validation_limit"), selection_seed=int(data.get("selection_seed", 0)),
         seeds=[int(s) for s in data.get("seeds", [0, 1, 2])], title=str(data.get("title", Sweep.title)),
         note=str(data.get("note", "")), experiment_name=exp if isinstance(exp, str) else "inline",
+        eval_every=int(data.get("eval_every", 1)),
     )
+    sweep.validation_every = int(data.get("validation_every", sweep.eval_every))
+    if sweep.eval_every < 1 or sweep.validation_every < 0:
+        raise ConfigError(f"{path}: eval_every must be >= 1 and validation_every >= 0")
     for m in methods:  # fail fast on a bad experiment or override
         sweep.cell_config(Cell("select", m, m.ranks[0], m.lrs[0], sweep.selection_seed))
     return sweep
