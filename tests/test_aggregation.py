@@ -61,7 +61,6 @@ shape = st.tuples(st.integers(2, 24), st.integers(2, 24))
 )
 def test_fedsb_is_exact(shapes, rank_frac, weights, seed, weighted):
     rank = max(1, int(rank_frac * min(min(s) for s in shapes)))
-    cls = get_strategy("fedsb")
     strategy, model, errors, _ = federate("fedsb", shapes, rank, weights, seed)
     assert max(errors.values()) <= 1e-6
 
