@@ -36,6 +36,17 @@ TARGETS = {  # issue 19's acceptance, on this run
 }
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:train.physical_tokens=1024,train.pack_sequences=false' -> (name, nested settings)."""
+    name, _, body = text.partition(":")
+    settings: dict = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        section, _, option = key.strip().partition(".")
+        settings.setdefault(section, {})[option] = json.loads(value)
+    return name.strip(), settings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/bench/memory")
@@ -46,13 +57,16 @@ def main() -> None:
                     help="init.batch_size of the 'before' run (default: the same as after, 8). Today's path puts a "
                          "whole init batch (8 x 256 tokens) in one forward, which needs 5-6.5 GB: on a machine "
                          "without that much free memory, 2 gives the after path's init forward size (<= 512 tokens)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE[,...]",
+                    help="an extra variant: the defaults with these settings (JSON values), e.g. "
+                         "'unpacked:train.pack_sequences=false'; repeatable")
     args = ap.parse_args()
     before = json.loads(json.dumps(BEFORE))
     if args.before_init_batch:
         before["init"]["batch_size"] = args.before_init_batch
     start = load_average()
     r = measure_memory_phases(
-        args.model, variants={"before": before, "after": {}}, precisions=args.precisions,
+        args.model, variants={"before": before, "after": {}, **dict(map(parse_variant, args.variant))}, precisions=args.precisions,
         out_root=f"{args.out}/runs", threads=args.threads, log=log,
     )
     r["machine"] = machine_info()

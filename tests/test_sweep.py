@@ -156,6 +156,9 @@ def test_interrupted_cell_resumes_from_its_checkpoint(sweep, monkeypatch):
     out = run_cell(sweep, cell)
     assert [resume for _, resume in calls] == [False, True]
     assert out["rounds"] == 2 and len(out["curve"]) == 3
+    attempts = [json.loads(line) for line in (cell_dir(sweep, cell) / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["resumed"], a["finished"]) for a in attempts] == [(False, False), (True, True)]
+    assert out["cpu_s"] == pytest.approx(sum(a["cpu_s"] for a in attempts))
 
 
 def test_claims_keep_a_cell_to_one_process(sweep, tmp_path):

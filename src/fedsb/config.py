@@ -114,6 +114,10 @@ class TrainConfig:
     # token budget allows; 1: one row per forward (the code path before issue 19).
     physical_batch: int = 0
     physical_tokens: int = 512
+    # Pack each forward's rows into one sequence, no padding (causal LMs whose attention keeps
+    # packed rows apart: `fedsb.training.supports_packing`; others are padded as before). Also
+    # used by the init's gradient pass.
+    pack_sequences: bool = True
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)

@@ -11,6 +11,11 @@ padded tokens per forward), and each row's summed cross-entropy is weighted by 1
 micro-batch it came from. The update is the same (up to float summation order) whether a step
 runs as 4 forwards of 1 row or 1 forward of 4 rows; a small batch then runs at a large batch's
 speed, and a large one is split where its activations would not fit.
+
+Packing (`pack=True`, for causal LMs whose attention keeps packed sequences apart, see
+`fedsb.training.supports_packing`): a physical batch is then one row, the rows laid end to end
+with their positions restarting at 0, so no forward computes padding. Each token carries the
+weight of its row, and the token that starts a row is not predicted from the previous row.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class PhysicalBatch:
 
     batch: dict[str, Tensor]
     row_weight: Tensor  # fp32 (rows,): 1 / (supervised tokens of the row's micro-batch * G)
+    token_weight: Tensor | None = None  # packed: fp32 (1, tokens), the weight of each token's row
 
 
 def supports_repacking(batch: Mapping[str, Tensor]) -> bool:
@@ -47,12 +53,14 @@ def supervised_tokens(labels: Tensor) -> int:
 
 
 def plan_physical_batches(
-    micro_batches: Sequence[Mapping[str, Tensor]], *, max_rows: int, max_tokens: int, pad_id: int = 0
+    micro_batches: Sequence[Mapping[str, Tensor]], *, max_rows: int, max_tokens: int, pad_id: int = 0,
+    pack: bool = False,
 ) -> list[PhysicalBatch]:
     """Re-cut one optimizer step's micro-batches into physical batches.
 
-    `max_rows` (0: no limit) and `max_tokens` (padded tokens per forward, the activation budget;
-    0: no limit) bound each physical batch; a row longer than `max_tokens` still runs, alone.
+    `max_rows` (0: no limit) and `max_tokens` (tokens per forward, padding included, the
+    activation budget; 0: no limit) bound each physical batch; a row longer than `max_tokens`
+    still runs, alone. `pack`: each physical batch is one packed row (see the module docstring).
     Raises FloatingPointError when a micro-batch has no supervised token (its mean loss is NaN).
     """
     g = len(micro_batches)
@@ -71,13 +79,29 @@ def plan_physical_batches(
     for row in rows:
         current = chunks[-1] if chunks else None
         fits = current is not None and (max_rows <= 0 or len(current) < max_rows) and (
-            max_tokens <= 0 or (len(current) + 1) * row[0] <= max_tokens  # sorted: this row is the longest
+            max_tokens <= 0 or _tokens_with(current, row[0], pack) <= max_tokens
         )
         if fits:
             current.append(row)  # type: ignore[union-attr]
         else:
             chunks.append([row])
-    return [_pad(chunk, pad_id) for chunk in chunks]
+    return [_pack(chunk) if pack else _pad(chunk, pad_id) for chunk in chunks]
+
+
+def _tokens_with(chunk: list[tuple[int, dict[str, Tensor], float]], length: int, pack: bool) -> int:
+    """Tokens in one forward once a row of `length` joins `chunk` (padded: rows come sorted,
+    so the new row is the longest)."""
+    return sum(n for n, _, _ in chunk) + length if pack else (len(chunk) + 1) * length
+
+
+def _pack(chunk: list[tuple[int, dict[str, Tensor], float]]) -> PhysicalBatch:
+    ids = torch.cat([row["input_ids"] for _, row, _ in chunk])
+    labels = torch.cat([row["labels"] for _, row, _ in chunk])
+    positions = torch.cat([torch.arange(length) for length, _, _ in chunk])
+    weights = torch.cat([torch.full((length,), w, dtype=torch.float32) for length, _, w in chunk])
+    labels[positions == 0] = IGNORE_INDEX  # a row's first token is not predicted from the row before
+    batch = {"input_ids": ids[None], "labels": labels[None], "position_ids": positions[None]}
+    return PhysicalBatch(batch, torch.tensor([w for _, _, w in chunk], dtype=torch.float32), weights[None])
 
 
 def _pad(chunk: list[tuple[int, dict[str, Tensor], float]], pad_id: int) -> PhysicalBatch:

@@ -100,6 +100,45 @@ def causal_lm_row_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> Tenso
     return ce.view(target.shape).sum(dim=1)
 
 
+# Causal LMs whose transformers implementation builds its attention mask with
+# `masking_utils.create_causal_mask`, which keeps packed rows apart when it gets position_ids
+# that restart at 0 and no attention mask (tests/test_physical_batch.py checks it on tiny-llama).
+PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "olmo2", "phi3"})
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """True where rows can be packed into one sequence (see `fedsb.physical_batch`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    return (
+        getattr(config, "model_type", None) in PACKING_MODEL_TYPES
+        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", "flex_attention", "fedsb_sdpa")
+        and _takes_logits_to_keep(type(base))
+    )
+
+
+def causal_lm_packed_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight: Tensor) -> Tensor:
+    """Sum over the supervised tokens of one packed row of (cross-entropy x the token's weight).
+    The head runs only at the positions whose next label counts (`logits_to_keep` as indices)."""
+    shifted = _shifted_labels(batch)
+    if shifted is None or shifted.shape[0] != 1:
+        raise ValueError("a packed batch is one row of input_ids, labels and position_ids")
+    keep = (shifted[0] != -100).nonzero().squeeze(1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # no KV cache: with one, transformers does not look for packed rows in position_ids
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
+    ce = F.cross_entropy(logits.float(), shifted[0, keep], reduction="none")
+    return (ce * token_weight[0, keep]).sum()
+
+
+def physical_batch_loss(model: nn.Module, part: Any, device: torch.device) -> Tensor:
+    """The weighted loss of one `fedsb.physical_batch.PhysicalBatch` (padded or packed)."""
+    batch = {k: v.to(device) for k, v in part.batch.items()}
+    if part.token_weight is not None:
+        return causal_lm_packed_loss(model, batch, part.token_weight.to(device))
+    return (causal_lm_row_losses(model, batch) * part.row_weight.to(device)).sum()
+
+
 @dataclass
 class StepResult:
     steps: int
@@ -132,12 +171,14 @@ def train_steps(
     on_step: Callable[[float], None] | None = None,
     physical_batch: int | None = None,
     physical_tokens: int = 0,
+    pack: bool = False,
 ) -> StepResult:
     """Run optimizer steps over `batches` (grad_accum micro-batches per step).
 
     `physical_batch` None runs each micro-batch as given. Otherwise (causal LM loss only) the rows
     of a step are re-cut into forwards of at most `physical_batch` rows (0: no limit) and
-    `physical_tokens` padded tokens (0: no limit), with the same loss (`fedsb.physical_batch`).
+    `physical_tokens` padded tokens (0: no limit), with the same loss (`fedsb.physical_batch`);
+    `pack` packs each forward's rows into one sequence where the model supports it.
     """
     model.train()
     device = next(model.parameters()).device
@@ -152,7 +193,9 @@ def train_steps(
         tokens += sum(int(b["attention_mask"].sum()) for b in group if "attention_mask" in b)
         repack = physical_batch is not None and loss_fn is None and all(supports_repacking(b) for b in group)
         if repack:
-            group_loss = _accumulate_repacked(model, group, device, precision, step, physical_batch, physical_tokens)
+            group_loss = _accumulate_repacked(
+                model, group, device, precision, step, physical_batch, physical_tokens, pack and supports_packing(model)
+            )
         else:
             group_loss = _accumulate_micro_batches(model, group, device, precision, step, loss_fn or causal_lm_loss)
         if max_grad_norm > 0:
@@ -193,18 +236,17 @@ def _accumulate_micro_batches(
 
 def _accumulate_repacked(
     model: nn.Module, group: Sequence[Mapping[str, Tensor]], device: torch.device, precision: str, step: int,
-    max_rows: int, max_tokens: int,
+    max_rows: int, max_tokens: int, pack: bool,
 ) -> float:
     """The same gradient as `_accumulate_micro_batches` with `causal_lm_loss`, from re-cut forwards."""
     try:
-        plan = plan_physical_batches(group, max_rows=max_rows, max_tokens=max_tokens)
+        plan = plan_physical_batches(group, max_rows=max_rows, max_tokens=max_tokens, pack=pack)
     except FloatingPointError as err:
         raise FloatingPointError(f"training loss is nan at step {step}: {err}") from None
     group_loss = 0.0
     for part in plan:
-        batch = {k: v.to(device) for k, v in part.batch.items()}
         with autocast_context(device, precision):
-            loss = (causal_lm_row_losses(model, batch) * part.row_weight.to(device)).sum()
+            loss = physical_batch_loss(model, part, device)
         _check_finite(loss, step)
         loss.backward()
         group_loss += loss.item()

@@ -139,6 +139,7 @@ class SgdSteps:
             on_step=on_step,
             physical_batch=t.physical_batch,
             physical_tokens=t.physical_tokens,
+            pack=t.pack_sequences,
         )
         return result, state
 

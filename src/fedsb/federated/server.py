@@ -231,6 +231,7 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
                 group_size=cfg.init.group_size,
                 timings=timings,
                 physical_tokens=cfg.init.physical_tokens,
+                pack=cfg.train.pack_sequences,
             )
         info.update({"gradient_pass_seconds": timings["gradient pass"], "svd_seconds": timings["svd"], "passes": passes})
     else:

@@ -104,6 +104,7 @@ def init_central(
     group_size: int = 0,
     timings: dict[str, float] | None = None,
     physical_tokens: int = 0,
+    pack: bool = False,
 ) -> float:
     """The paper's initialization on data this party holds; returns lr_eff.
 
@@ -113,7 +114,7 @@ def init_central(
     largest group (4 bytes x its weights' numbers) instead of all targets', for one extra forward
     and input-gradient backward per further group. The result is the same as one pass.
     `timings`, when given, receives the seconds spent in "gradient pass" and "svd".
-    `physical_tokens` bounds the padded tokens per forward (`estimate_gradients`).
+    `physical_tokens` bounds the tokens per forward, `pack` packs them (`estimate_gradients`).
     """
     import time
 
@@ -125,7 +126,7 @@ def init_central(
     for group in layer_groups(layers, group_size):  # so that each pass sees the model the first one saw
         t0 = time.perf_counter()
         grads = estimate_gradients(model, group, batches, loss_fn=loss_fn, precision=precision, progress=progress,
-                                   physical_tokens=physical_tokens)
+                                   physical_tokens=physical_tokens, pack=pack)
         t1 = time.perf_counter()
         factors.update(sign_step_factors(group, grads, lr_eff=lr_eff, oversample=oversample, power_iters=power_iters,
                                          seed=seed, indices=indices))

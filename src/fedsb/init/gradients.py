@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsb.adapter.layer import AdapterLinear
+from fedsb.physical_batch import PhysicalBatch, plan_physical_batches, supports_repacking
 from fedsb.precision import autocast_context
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
@@ -31,10 +32,6 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     return causal_lm_loss(model, batch)
 
 
-def causal_lm_row_losses(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-    from fedsb.training import causal_lm_row_losses as row_losses
-
-    return row_losses(model, batch)
 
 
 @contextmanager
@@ -60,17 +57,21 @@ def estimate_gradients(
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
     physical_tokens: int = 0,
+    pack: bool = False,
 ) -> dict[str, Tensor]:
     """Mean gradient of the loss w.r.t. each target layer's base weight, {name: fp32 grad}.
 
     `physical_tokens` > 0 (causal LM batches, default loss): the batches' rows are re-cut into
-    forwards of at most that many padded tokens with the same per-batch loss normalization
-    (`fedsb.physical_batch`): the activations, not the gradient, are this pass's largest holder.
+    forwards of at most that many tokens with the same per-batch loss normalization
+    (`fedsb.physical_batch`; packed into one sequence each with `pack`, where the model allows):
+    the activations, not the gradient, are this pass's largest holder.
     """
+    from fedsb.training import physical_batch_loss, supports_packing
+
     batches = list(batches)
     if not batches:
         raise ValueError("gradient estimation needs at least one batch")
-    forwards = _forwards(batches, loss_fn, physical_tokens)
+    forwards = _forwards(batches, loss_fn, physical_tokens, pack and supports_packing(model))
     weights = {name: layer.base_layer.weight for name, layer in layers.items()}
     grads: dict[str, Tensor] = {}
 
@@ -96,17 +97,17 @@ def estimate_gradients(
                 handles.append(w.register_post_accumulate_grad_hook(accumulate(name)))
             model.eval()  # no dropout: the estimate is deterministic
             device = next(model.parameters()).device
-            for batch, row_weight in forwards:
-                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            for forward in forwards:
                 with autocast_context(device, precision):
-                    if row_weight is None:
-                        loss = loss_fn(model, batch).float() / len(batches)
+                    if isinstance(forward, PhysicalBatch):
+                        loss = physical_batch_loss(model, forward, device)
                     else:
-                        loss = (causal_lm_row_losses(model, batch) * row_weight.to(device)).sum()
+                        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in forward.items()}
+                        loss = loss_fn(model, batch).float() / len(batches)
                 loss.backward()
-                if progress is not None and row_weight is None:
+                if progress is not None and not isinstance(forward, PhysicalBatch):
                     progress(1)
-            if progress is not None and forwards and forwards[0][1] is not None:
+            if progress is not None and forwards and isinstance(forwards[0], PhysicalBatch):
                 progress(len(batches))
         finally:
             for h in handles:
@@ -118,12 +119,9 @@ def estimate_gradients(
 
 
 def _forwards(
-    batches: list[Mapping[str, Any]], loss_fn: LossFn, physical_tokens: int
-) -> list[tuple[Mapping[str, Any], Tensor | None]]:
-    """(batch, row weights or None for "loss_fn / number of batches") per forward pass."""
-    from fedsb.physical_batch import plan_physical_batches, supports_repacking
-
+    batches: list[Mapping[str, Any]], loss_fn: LossFn, physical_tokens: int, pack: bool
+) -> list[Mapping[str, Any]] | list[PhysicalBatch]:
+    """The forward passes: the batches as given (each loss_fn / number of batches), or re-cut."""
     if physical_tokens <= 0 or loss_fn is not default_loss or not all(supports_repacking(b) for b in batches):
-        return [(b, None) for b in batches]
-    plan = plan_physical_batches(batches, max_rows=0, max_tokens=physical_tokens)
-    return [(part.batch, part.row_weight) for part in plan]
+        return batches
+    return plan_physical_batches(batches, max_rows=0, max_tokens=physical_tokens, pack=pack)

@@ -119,11 +119,17 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
             shutil.rmtree(run)  # a partial run of an older config: start over
             (folder / "attempts.jsonl").unlink(missing_ok=True)
         stamp.write_text(fingerprint(sweep, cell))
+        resumed = (run / CHECKPOINT_DIR).exists()  # before the run: afterwards a checkpoint always exists
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        summary = run_or_resume(config, run, base_eval=base_eval)
-        attempt = {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "resumed": (run / CHECKPOINT_DIR).exists()}
-        with (folder / "attempts.jsonl").open("a") as f:  # CPU time survives interruptions
-            f.write(json.dumps(attempt) + "\n")
+        finished = False
+        try:
+            summary = run_or_resume(config, run, base_eval=base_eval)
+            finished = True
+        finally:  # an interrupted attempt's CPU time counts too
+            attempt = {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
+                       "resumed": resumed, "finished": finished}
+            with (folder / "attempts.jsonl").open("a") as f:
+                f.write(json.dumps(attempt) + "\n")
         attempts = [json.loads(line) for line in (folder / "attempts.jsonl").read_text().splitlines() if line]
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         out = {**cell_summary(cell, config.federation.num_clients, summary, rows, attempts), "fingerprint": fingerprint(sweep, cell)}
