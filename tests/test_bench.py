@@ -229,3 +229,16 @@ def test_phases_section_profiles_before_and_after(tmp_path, monkeypatch):
     assert held["adapted frozen weights (W) [float32]"] > 0
     assert "peak RSS after / before" in results["phases"]["ratios"]["fp32"]
     assert "## Memory per phase" in (tmp_path / "bench.md").read_text()
+
+
+def test_memory_profile_can_run_the_demo_config():
+    """`benchmarks/bench_memory.py --run demo` profiles `fedsb demo`'s Fed-SB run with a variant's settings."""
+    from fedsb.bench.phases import RUNS
+    from fedsb.commands.demo import demo_config_dict
+    from fedsb.config import config_from_dict
+
+    cfg = config_from_dict(RUNS["demo"](None, precision="fp32", train={"physical_batch": 1}))
+    demo = config_from_dict(demo_config_dict())
+    assert cfg.train.precision == "fp32" and cfg.train.physical_batch == 1
+    assert (cfg.federation.num_clients, cfg.federation.rounds, cfg.task.eval_limit) == (
+        demo.federation.num_clients, demo.federation.rounds, demo.task.eval_limit)

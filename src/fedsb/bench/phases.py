@@ -52,6 +52,22 @@ def issue_config(model_name: str | None = None, /, *, precision: str = "bf16", t
     return cfg
 
 
+def demo_config(model_name: str | None = None, /, *, precision: str = "bf16", **sections: dict) -> dict[str, Any]:
+    """`fedsb demo`'s Fed-SB run (the embedded default: 10 clients, 3 rounds, scored every round)."""
+    from fedsb.commands.demo import demo_config_dict
+
+    cfg = demo_config_dict()
+    cfg.setdefault("train", {})["precision"] = precision
+    if model_name is not None:
+        cfg.setdefault("model", {})["name"] = model_name
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+RUNS = {"issue19": issue_config, "demo": demo_config}  # what `bench_memory.py --run` can profile
+
+
 class PhaseRecorder:
     """Peak RSS and seconds per named phase; nested phases count in the outermost one."""
 
