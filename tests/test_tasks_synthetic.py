@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -21,9 +20,7 @@ def test_chain_sum_cot():
 
 def test_train_and_test_are_disjoint_and_deterministic():
     task = get_task("arith", generator_kwargs=EASY, eval_size=300)
-    t0 = time.perf_counter()
     train = task.train_examples(limit=3000)
-    assert time.perf_counter() - t0 < 10  # a few thousand problems in seconds
     test = task.eval_examples()
     assert len(train) == 3000 and len(test) == 300
     assert not {e.instruction for e in train} & {e.instruction for e in test}
