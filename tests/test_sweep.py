@@ -194,6 +194,7 @@ def test_pareto_and_markdown_writer(sweep):
     fedit = next(line for line in md.splitlines() if line.startswith("| FedIT | 1 | 0.001 |"))
     assert fedit.count("yes") == 1  # dominated on upload, on the frontier for total bytes
     assert "| 2t1d | 3t2d |" in md and "80 (150)" in md
+    assert "Most accurate within a byte budget" in md and "**51.0 [" in md  # Fed-SB r64 is the best within 100 kB
 
 
 def test_command_writes_the_report_and_rejects_bad_phases(tmp_path):
@@ -245,3 +246,17 @@ def test_fingerprint_ignores_a_new_option_left_at_its_default(sweep, monkeypatch
     monkeypatch.undo()
     sweep.set.append("train.max_grad_norm=0.5")
     assert fingerprint(sweep, cell) != before
+
+
+def test_best_within_budgets_uses_every_scored_round():
+    from fedsb.sweep.frontier import best_within_budgets, budgets_between, group_runs
+
+    assert budgets_between(2e5, 2.5e6) == [3e5, 1e6, 3e6]
+    fedsb = _fake("Fed-SB", 64, 2e-3, 0, 0.5, 1e5, 8e7)
+    fedsb["curve"].append({"round": 2, "upload_cum": 2e5, "total_cum": 8.04e7, "accuracy": 0.6, "correct": 60, "n": 100})
+    fedit = _fake("FedIT", 1, 1e-3, 0, 0.55, 3e5, 0)
+    rows = best_within_budgets(group_runs([fedsb, fedit]), "upload_cum", ["Fed-SB", "FedIT"])
+    assert [r["budget"] for r in rows] == [1e5, 3e5]
+    assert rows[0]["best"]["Fed-SB"]["round"] == 1 and "FedIT" not in rows[0]["best"]  # FedIT's 300 kB does not fit
+    assert rows[1]["best"]["Fed-SB"]["accuracy"] == 0.6 and rows[1]["best"]["Fed-SB"]["round"] == 2
+    assert rows[1]["best"]["FedIT"]["accuracy"] == 0.55

@@ -8,6 +8,7 @@ final round, and everything a client sends and receives including the one-time c
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def group_runs(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             curve.append({
                 "round": pts[0]["round"],
                 "accuracy": sum(p.get("accuracy", 0.0) for p in pts) / len(pts),
+                "correct": sum(p.get("correct", 0) for p in pts), "n": sum(p.get("n", 0) for p in pts),
                 "upload_cum": sum(p["upload_cum"] for p in pts) / len(pts),
                 "total_cum": sum(p["total_cum"] for p in pts) / len(pts),
             })
@@ -71,6 +73,60 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
         )
         flags.append(not dominated)
     return flags
+
+
+def budgets_between(lo: float, hi: float) -> list[float]:
+    """1-3-10 steps from the first one >= lo to the first one >= hi."""
+    out: list[float] = []
+    e = math.floor(math.log10(lo))
+    while not out or out[-1] < hi:
+        out += [b for b in (10.0**e, 3 * 10.0**e) if b >= lo and (not out or out[-1] < hi)]
+        e += 1
+    return out
+
+
+def best_within_budgets(groups: list[dict[str, Any]], axis: str, methods: list[str]) -> list[dict[str, Any]]:
+    """Per byte budget: each method's most accurate point (any rank, any scored round) whose
+    cumulative bytes per client fit, pooled over seeds with its Wilson interval."""
+    points = [(p[axis], p, g) for g in groups for p in g["curve"] if p["round"] > 0 and p.get("n")]
+    if not points:
+        return []
+    rows = []
+    for budget in budgets_between(min(x for x, _, _ in points), max(x for x, _, _ in points)):
+        best: dict[str, dict[str, Any]] = {}
+        for x, p, g in points:
+            if x <= budget and (g["method"] not in best or p["correct"] / p["n"] > best[g["method"]]["accuracy"]):
+                best[g["method"]] = {"accuracy": p["correct"] / p["n"], "ci95": wilson_interval(p["correct"], p["n"]),
+                                     "rank": g["rank"], "round": p["round"], "bytes": x}
+        rows.append({"budget": budget, "best": {m: best[m] for m in methods if m in best}})
+    return rows
+
+
+def _budget_section(groups: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    lines = ["### Most accurate within a byte budget (test, any rank and scored round, pooled over seeds)\n",
+             "Each cell: the method's most accurate point whose cumulative bytes per client fit the budget, "
+             "`accuracy [95% CI] r<rank>@<round>`; bold: the best in the row; *: its interval overlaps the best's "
+             "(not separable from it at these sample sizes).\n"]
+    for axis, label in AXES:
+        rows = best_within_budgets(groups, axis, methods)
+        if not rows:
+            continue
+        lines.append(f"{label}:\n")
+        lines.append("| budget | " + " | ".join(methods) + " |")
+        lines.append("|---:|" + "---|" * len(methods))
+        for row in rows:
+            top = max(row["best"].values(), key=lambda b: b["accuracy"])
+            cells = []
+            for m in methods:
+                b = row["best"].get(m)
+                if b is None:
+                    cells.append("-")
+                    continue
+                text = f"{100 * b['accuracy']:.1f} [{100 * b['ci95'][0]:.0f}, {100 * b['ci95'][1]:.0f}] r{b['rank']}@{b['round']}"
+                cells.append(f"**{text}**" if b is top else text + ("*" if b["ci95"][1] >= top["ci95"][0] else ""))
+            lines.append(f"| {human_bytes(row['budget'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _pct(x: float | None) -> str:
@@ -129,6 +185,7 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
                 f"{human_bytes(g['final']['total_cum'])} | {'yes' if pu else ''} | {'yes' if pt else ''} | {g['max_exactness_error']:.1e} |"
             )
         lines.append("")
+        lines += _budget_section(groups, [m.name for m in sweep.methods if any(g["method"] == m.name for g in groups)])
         lines.append("### Accuracy per round (test, mean over seeds, %)\n")
         scored = sorted({p["round"] for g in groups for p in g["curve"]})  # rounds 0 (base) and every k-th
         lines.append("| method | rank | " + " | ".join("base" if r == 0 else f"r{r}" for r in scored) + " |")
