@@ -115,9 +115,11 @@ class TrainConfig:
     physical_batch: int = 0
     physical_tokens: int = 512
     # Pack each forward's rows into one sequence, no padding (causal LMs whose attention keeps
-    # packed rows apart: `fedsb.training.supports_packing`; others are padded as before). Also
-    # used by the init's gradient pass.
-    pack_sequences: bool = True
+    # packed rows apart: `fedsb.training.supports_packing`; others are padded). Also used by the
+    # init's gradient pass. Off by default: on issue 19's GSM8K run, whose length-sorted rows pad
+    # little, it trained no faster (337 vs 340 tokens/s) and raised the peak (2.73 vs 2.63 GB),
+    # since a packed forward holds more real tokens (docs/performance.md).
+    pack_sequences: bool = False
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)
