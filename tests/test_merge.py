@@ -77,3 +77,30 @@ def test_restore_after_an_exception_and_bf16_merge(tok):
     assert len(out) == 2
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_bf16_stored_weight_keeps_its_small_delta_in_evaluation():
+    """A fine-tuned delta below half a bf16 step of W vanishes if merged into a bf16-stored W
+    (bf16(bf16(W) + delta) == bf16(W)); such layers run unmerged, as in training."""
+    from fedsb.adapter.inject import store_frozen
+    from fedsb.adapter.layer import LoraSBLinear
+
+    torch.manual_seed(0)
+    layer = LoraSBLinear(torch.nn.Linear(64, 64, bias=False), rank=8)
+    model = torch.nn.Sequential(layer)
+    layer.base_layer.weight.data.normal_(0, 0.5)
+    layer.base_layer.weight.requires_grad_(False)  # frozen, as after mark_trainable
+    init_random({"0": layer}, seed=0)
+    layer.R.weight.data = torch.eye(8) * 1e-3  # delta entries ~1e-4, half a bf16 step of W is ~1e-3
+    store_frozen(model, torch.bfloat16)
+    x = torch.randn(16, 64).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base = torch.nn.functional.linear(x, layer.base_layer.weight)
+        unmerged = layer(x)
+        rounded_away = (layer.base_layer.weight.float() + layer.delta_weight()).bfloat16()
+        lost = (rounded_away == layer.base_layer.weight).float().mean()
+        assert lost > 0.9  # merged in bf16, most of the delta would be rounded away: what this test guards against
+        with merged_adapters(model, torch.bfloat16) as n:
+            evaluated = layer(x)
+    assert n == 0 and not layer.merged
+    assert torch.equal(evaluated, unmerged) and not torch.equal(evaluated, base)
