@@ -132,18 +132,20 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight (for fast inference); `unmerge` undoes it.
+        """Fold the adapter into the base weight (e.g. before saving a merged model); `unmerge`
+        undoes it.
 
-        A weight stored below fp32 is folded in fp32 and its original kept aside, because
-        (W + D) - D rounded to bf16 is not W.
+        A weight stored below fp32 becomes an fp32 W + D, its original kept aside: rounded back to
+        bf16 most of a fine-tuned D would vanish (bf16(bf16(W) + D) is mostly bf16(W)), and
+        (W + D) - D rounded to bf16 would not be W.
         """
         if not self.merged:
             w = self.base_layer.weight
             if w.dtype == torch.float32:
                 w.add_(self.delta_weight())
             else:
-                self._unmerged_weight = w.detach().clone()
-                w.copy_(w.float().add_(self.delta_weight()))
+                self._unmerged_weight = w.data
+                w.data = w.float().add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
@@ -152,7 +154,7 @@ class AdapterLinear(nn.Module):
             w = self.base_layer.weight
             original = self.__dict__.pop("_unmerged_weight", None)
             if original is not None:
-                w.copy_(original)
+                w.data = original
             else:
                 w.sub_(self.delta_weight().to(w.dtype))
             self.merged = False
