@@ -125,6 +125,7 @@ def test_full_sweep_then_rerun_skips_every_finished_cell(sweep, monkeypatch):
     assert {(c["method"], c["rank"]) for c in chosen} == {("Fed-SB", 4), ("FedIT", 2)}
     md = (sweep.docs / "frontier.md").read_text()
     assert "## Frontier (test set" in md and "| Fed-SB | 4 |" in md and "## CPU time" in md and "test grid" in md
+    assert "In progress" not in md  # every cell finished
     assert (sweep.docs / "frontier.png").stat().st_size > 10_000
     fedsb = next(s for s in result["test"] if s["method"] == "Fed-SB")
     assert fedsb["one_time_per_client"] > 0 and fedsb["cpu_s"] > 0
@@ -189,6 +190,7 @@ def test_pareto_and_markdown_writer(sweep):
     test = [_fake("Fed-SB", 64, 2e-3, s, 0.5 + 0.01 * s, 1e5, 8e7, buckets) for s in (0, 1, 2)]
     test += [_fake("FedIT", 1, 1e-3, 0, 0.4, 3e5, 0)]
     md = render_markdown(sweep, [], {}, test)
+    assert "**In progress:** 0 of 4 selection cells and 4 of 4 test cells" in md
     row = next(line for line in md.splitlines() if line.startswith("| Fed-SB | 64 |") and "CI" not in line and "yes" in line)
     assert "51.0 [" in row and "50.0, 51.0, 52.0" in row  # pooled 153/300, seeds listed
     fedit = next(line for line in md.splitlines() if line.startswith("| FedIT | 1 | 0.001 |"))

@@ -151,6 +151,11 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
     if sweep.note:
         lines.append(f"> {sweep.note}\n")
     lines.append(f"Reproduce: `fedsb sweep {sweep.path}` (resumable; finished cells are kept in `{sweep.out}`).\n")
+    n_select = len(sweep.selection_cells())
+    n_test = sum(len(m.ranks) for m in sweep.methods) * len(sweep.seeds)  # one per (method, rank) and seed
+    if len(selection) < n_select or len(test) < n_test:
+        lines.append(f"**In progress:** {len(selection)} of {n_select} selection cells and {len(test)} of {n_test} "
+                     "test cells have finished; the tables below show only those.\n")
     lines.append("## Setup\n")
     test_limit = sweep.cell_config(Cell("test", first.method, first.rank, first.lr, sweep.seeds[0])).task.eval_limit
     lines.append(f"- Experiment: `{getattr(sweep, 'experiment_name', '?')}`: task `{inner['task']}` {inner['options']}; "
