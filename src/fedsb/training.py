@@ -103,7 +103,7 @@ def causal_lm_row_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> Tenso
 # Causal LMs whose transformers implementation builds its attention mask with
 # `masking_utils.create_causal_mask`, which keeps packed rows apart when it gets position_ids
 # that restart at 0 and no attention mask (tests/test_physical_batch.py checks it on tiny-llama).
-PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "olmo2", "phi3"})
+PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # tested: llama (tiny-llama, SmolLM2)
 
 
 def supports_packing(model: nn.Module) -> bool:
