@@ -254,6 +254,7 @@ def test_best_within_budgets_uses_every_scored_round():
     from fedsb.sweep.frontier import best_within_budgets, budgets_between, group_runs
 
     assert budgets_between(2e5, 2.5e6) == [3e5, 1e6, 3e6]
+    assert budgets_between(2e5, 5e5) == [3e5, 1e6]
     fedsb = _fake("Fed-SB", 64, 2e-3, 0, 0.5, 1e5, 8e7)
     fedsb["curve"].append({"round": 2, "upload_cum": 2e5, "total_cum": 8.04e7, "accuracy": 0.6, "correct": 60, "n": 100})
     fedit = _fake("FedIT", 1, 1e-3, 0, 0.55, 3e5, 0)

@@ -32,8 +32,6 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     return causal_lm_loss(model, batch)
 
 
-
-
 @contextmanager
 def preserved_training_state(model: nn.Module) -> Iterator[None]:
     """Restore every parameter's `requires_grad` and every module's train/eval mode on exit."""

@@ -80,7 +80,9 @@ def budgets_between(lo: float, hi: float) -> list[float]:
     out: list[float] = []
     e = math.floor(math.log10(lo))
     while not out or out[-1] < hi:
-        out += [b for b in (10.0**e, 3 * 10.0**e) if b >= lo and (not out or out[-1] < hi)]
+        for b in (10.0**e, 3 * 10.0**e):
+            if b >= lo and (not out or out[-1] < hi):
+                out.append(b)
         e += 1
     return out
 
