@@ -618,6 +618,20 @@ def test_privacy_table_plans_the_runs_and_renders(tmp_path, monkeypatch):
     assert len(list((tmp_path / "runs" / "cells").glob("*.json"))) == 8
     pt.privacy_table(config, **kw)  # every cell has its JSON: nothing runs again
     assert len(seen) == 8
+
+    # Workers: a cell claimed by a live process is left to it; the table waits for every cell.
+    from fedsb.sweep.cells import release, try_claim
+
+    kw["runs_dir"] = tmp_path / "runs2"
+    held = kw["runs_dir"] / "claims" / "federated-fedsb-r32-eps1-seed0"
+    assert try_claim(held)  # this (live) process holds it
+    pt.privacy_table(config, **kw, cells_only=True)
+    assert len(seen) == 8 + 7
+    with pytest.raises(typer.Exit):
+        pt.privacy_table(config, **kw)
+    release(held)
+    pt.privacy_table(config, **kw)
+    assert len(seen) == 8 + 8 and len(list((tmp_path / "runs2" / "cells").glob("*.json"))) == 8
     with pytest.raises(typer.BadParameter):
         pt.parse_methods("fedavg:32")
 
@@ -643,3 +657,25 @@ def test_privacy_table_quick_runs_end_to_end_with_references(snli_file, tmp_path
     assert 0 < probe["epsilon"] <= 1.0 and probe["accuracy"] is not None
     text = out.read_text()
     assert "Linear probe (head only)" in text and "Full fine-tuning (non-private)" in text
+
+
+def test_privacy_table_workers_rerun_the_command_without_workers(monkeypatch):
+    import subprocess
+    import sys
+
+    from fedsb.commands import privacy_table as pt
+
+    started = []
+
+    class FakeProc:
+        def __init__(self, args):
+            started.append(args)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(sys, "argv", ["fedsb", "privacy-table", "c.toml", "--workers", "2", "--seeds", "0,1", "--workers=2"])
+    pt._run_workers(2)
+    assert len(started) == 2
+    assert started[0][1:] == ["-m", "fedsb.cli", "privacy-table", "c.toml", "--seeds", "0,1", "--cells-only"]

@@ -9,6 +9,10 @@ stopped. Writes a markdown table (mean over seeds, min-max spread, Wilson 95% in
 run's evaluation at the mean, the epsilon reached, upload bytes per client per round, the CPU
 time of every cell and their total) and a plot of accuracy against epsilon per method.
 
+`--workers N` runs the cells in N processes (each claims a cell before running it, as `fedsb
+sweep` does; a claim left by a dead process is taken over); this process then writes the table,
+running whatever the workers left.
+
 `--quick` runs the same code on a small grid (two methods, epsilon 1 and infinity, one seed,
 a few hundred pairs, one round) in about two minutes on the packaged MiniLM: a smoke test.
 """
@@ -108,13 +112,29 @@ def run_reference_cell(config_path: Path, overrides: list[str], kind: str, lr: f
     return run_reference(load_config(config_path, overrides), kind, lr=lr)
 
 
-def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None]) -> dict[str, Any]:
-    """The cell's row: read from its JSON if it ran before, else run it and write the JSON atomically."""
-    from fedsb.adapter.export import atomic_write_json
+def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None]) -> dict[str, Any] | None:
+    """The cell's row: read from its JSON if it ran before, else run it and write the JSON
+    atomically; None when another live process holds the cell."""
+    from fedsb.sweep.cells import release, try_claim
 
     path = runs_dir / "cells" / f"{cell.name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    claim = runs_dir / "claims" / cell.name
+    if not try_claim(claim):
+        return None
+    try:
+        if path.exists():  # finished between the check and the claim
+            return json.loads(path.read_text())
+        return _run_claimed(cell, config_path, path, overrides=overrides, runs_dir=runs_dir,
+                            baseline_alpha=baseline_alpha, reference_lr=reference_lr)
+    finally:
+        release(claim)
+
+
+def _run_claimed(cell: Cell, config_path: Path, path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None]) -> dict[str, Any]:
+    from fedsb.adapter.export import atomic_write_json
+
     cpu, wall = time.process_time(), time.perf_counter()
     ov = [*overrides, *cell.overrides(baseline_alpha)]
     if cell.strategy in REFERENCES:
@@ -270,6 +290,8 @@ def privacy_table(
     quick: Annotated[bool, typer.Option("--quick", help="A ~2-minute version of the same code: two methods, ε 1 and ∞, one seed, small data.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     note: Annotated[list[str], typer.Option("--note", help="A line to print under the title (repeat).")] = [],  # noqa: B006
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Processes that share the cells (one torch thread each is up to you: OMP_NUM_THREADS).")] = 1,
+    cells_only: Annotated[bool, typer.Option("--cells-only", hidden=True, help="Run cells, write no table (the workers).")] = False,
 ) -> None:
     """Centralized and federated private fine-tuning at several epsilons and seeds; writes a table and a plot."""
     bad = [s for s in setting if s not in SETTINGS]
@@ -282,12 +304,21 @@ def privacy_table(
         methods, epsilons, seed_list = QUICK_METHODS, QUICK_EPSILONS, seed_list[:1]
         overrides = [*QUICK_OVERRIDES, *overrides]  # the caller's --set still wins
     cells = plan_cells(parse_methods(methods), epsilons, list(setting), seed_list, references)
+    if workers > 1:
+        _run_workers(workers)
     rows = []
     for i, cell in enumerate(cells):
         row = run_cell(cell, config, overrides=overrides, runs_dir=runs_dir, baseline_alpha=baseline_alpha, reference_lr={"probe": probe_lr, "full": full_lr})
+        if row is None:  # held by another process: a worker; the table is written by the parent
+            typer.echo(f"[{i + 1}/{len(cells)}] {cell.name}: held by another process", err=True)
+            continue
         rows.append(row)
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
         typer.echo(f"[{i + 1}/{len(cells)}] {cell.name}: accuracy {acc} epsilon {row['epsilon']} ({row['cpu_seconds']:.0f} s CPU)", err=True)
+    if cells_only:
+        return
+    if len(rows) < len(cells):
+        raise typer.Exit(f"{len(cells) - len(rows)} cells are held by other live processes; rerun when they finish")
     entries = aggregate(rows)
     cpu_total = sum(r["cpu_seconds"] for r in rows)
     base = load_config(config, overrides)
@@ -307,6 +338,24 @@ def privacy_table(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"rows": rows, "entries": entries, "cpu_seconds": cpu_total}, indent=2))
     typer.echo(f"wrote {out} and {png}; total CPU {cpu_total:.0f} s")
+
+
+def _run_workers(n: int) -> None:
+    """The same command in `n` processes that only run cells (this process's argv, minus --workers)."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            args.append(a)
+    procs = [subprocess.Popen([sys.executable, "-m", "fedsb.cli", *args, "--cells-only"]) for _ in range(n)]
+    if any(p.wait() for p in procs):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - `python -m fedsb.commands.privacy_table`
