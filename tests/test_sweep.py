@@ -207,10 +207,13 @@ def test_command_writes_the_report_and_rejects_bad_phases(tmp_path):
     (tmp_path / "exp.toml").write_text(EXPERIMENT)
     (tmp_path / "sweep.toml").write_text(SWEEP)
     args = ["sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/frontier.png").write_bytes(b"an older plot")
     result = CliRunner().invoke(app, [*args, "--phase", "report"])
     assert result.exit_code == 0, result.output
     md = (tmp_path / "docs/frontier.md").read_text()
     assert "No test run has finished yet" in md and "| Fed-SB | fedsb | 4 | 0.001, 0.01 |" in md
+    assert not (tmp_path / "docs/frontier.png").exists()  # it would not match the tables
     assert CliRunner().invoke(app, [*args, "--phase", "bogus"]).exit_code != 0
 
 

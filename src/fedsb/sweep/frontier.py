@@ -281,11 +281,13 @@ def plot(groups: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 
 def write_report(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[tuple[str, int], float], test: list[dict[str, Any]]) -> list[Path]:
-    """docs/frontier.md always; docs/frontier.png when test runs exist (else the validation runs)."""
+    """docs/frontier.md always; docs/frontier.png when test runs exist (an older plot is removed)."""
     md = sweep.docs / "frontier.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(md, render_markdown(sweep, selection, chosen, test).encode())
     groups = group_runs(test)
+    png = sweep.docs / "frontier.png"
     if not groups:
+        png.unlink(missing_ok=True)  # a plot of other (or older) runs would contradict the tables
         return [md]
-    return [md, plot(groups, sweep.docs / "frontier.png", sweep.title)]
+    return [md, plot(groups, png, sweep.title)]
