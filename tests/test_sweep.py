@@ -266,3 +266,25 @@ def test_best_within_budgets_uses_every_scored_round():
     assert rows[0]["best"]["Fed-SB"]["round"] == 1 and "FedIT" not in rows[0]["best"]  # FedIT's 300 kB does not fit
     assert rows[1]["best"]["Fed-SB"]["accuracy"] == 0.6 and rows[1]["best"]["Fed-SB"]["round"] == 2
     assert rows[1]["best"]["FedIT"]["accuracy"] == 0.55
+
+
+def test_a_terminated_sweep_records_the_attempt_and_releases_the_claim(sweep, tmp_path):
+    """SIGTERM (the end of a session) unwinds the running cell instead of killing it mid-write."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "exp.toml").write_text(EXPERIMENT.replace("rounds = 2", "rounds = 50"))
+    (tmp_path / "sweep.toml").write_text(SWEEP)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsb.cli", "sweep", str(tmp_path / "sweep.toml"), "--out", str(out),
+                             "--docs", str(tmp_path / "docs"), "--phase", "select"], stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out.glob("select/*/run/checkpoint")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    folder = next(out.glob("select/*/run")).parent
+    attempts = [json.loads(line) for line in (folder / "attempts.jsonl").read_text().splitlines()]
+    assert attempts[-1]["finished"] is False and attempts[-1]["cpu_s"] > 0
+    assert not (folder / "claim").exists() and not (folder / "cell.json").exists()

@@ -48,7 +48,12 @@ def sweep(
         if any(codes):
             raise typer.Exit(max(codes))
         return
+    import signal
+
     import torch
 
+    # A stop (SIGTERM, e.g. the end of a session) unwinds like Ctrl-C: the running cell records
+    # its attempt's CPU time and releases its claim; its checkpoints let it resume later.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     torch.set_num_threads(threads)
     run_sweep(spec_obj, phases=phases, log=lambda m: typer.echo(m, err=True))
