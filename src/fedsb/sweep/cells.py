@@ -101,7 +101,7 @@ def is_claimed(folder: Path) -> bool:
 def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run `cell` unless it is finished or another live process holds it; returns its summary
     (None when someone else has it). An interrupted run continues from its last round."""
-    from fedsb.federated.checkpoint import CHECKPOINT_DIR
+    from fedsb.federated.checkpoint import has_checkpoint
     from fedsb.federated.server import run_or_resume
 
     folder = cell_dir(sweep, cell)
@@ -119,7 +119,7 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
             shutil.rmtree(run)  # a partial run of an older config: start over
             (folder / "attempts.jsonl").unlink(missing_ok=True)
         stamp.write_text(fingerprint(sweep, cell))
-        resumed = (run / CHECKPOINT_DIR).exists()  # before the run: afterwards a checkpoint always exists
+        resumed = has_checkpoint(run)  # what run_or_resume decides; before the run, as a checkpoint exists after it
         cpu0, wall0 = time.process_time(), time.perf_counter()
         finished = False
         try:
