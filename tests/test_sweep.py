@@ -199,6 +199,25 @@ def test_pareto_and_markdown_writer(sweep):
     assert "Most accurate within a byte budget" in md and "**51.0 [" in md  # Fed-SB r64 is the best within 100 kB
 
 
+def test_extra_lrs_extend_one_rank_and_the_report_marks_edge_choices(tmp_path):
+    """A rate past the shared grid's edge runs at the named rank only; a choice at an edge is flagged."""
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    extended = SWEEP.replace("ranks = [4]\nlrs = [1e-3, 1e-2]", "ranks = [4, 8]\nlrs = [1e-3, 1e-2]\nextra_lrs = { 8 = [1e-1] }")
+    (tmp_path / "sweep.toml").write_text(extended)
+    s = load_sweep(tmp_path / "sweep.toml")
+    fedsb_cells = {(c.rank, c.lr) for c in s.selection_cells() if c.method.name == "Fed-SB"}
+    assert fedsb_cells == {(4, 1e-3), (4, 1e-2), (8, 1e-3), (8, 1e-2), (8, 1e-1)}
+    selection = [_fake("Fed-SB", 8, lr, 0, acc, 1e5, 0) for lr, acc in ((1e-3, 0.2), (1e-2, 0.5), (1e-1, 0.3))]
+    selection += [_fake("Fed-SB", 4, lr, 0, acc, 1e5, 0) for lr, acc in ((1e-3, 0.2), (1e-2, 0.5))]
+    md = render_markdown(s, selection, {("Fed-SB", 8): 1e-2, ("Fed-SB", 4): 1e-2}, [])
+    assert "| Fed-SB | fedsb | 4, 8 | 0.001, 0.01; r8 also 0.1 |" in md
+    assert next(ln for ln in md.splitlines() if ln.startswith("| Fed-SB | 8 |")).endswith("| 0.01 |")  # inside its grid
+    assert next(ln for ln in md.splitlines() if ln.startswith("| Fed-SB | 4 |")).endswith("| 0.01 *edge* |")
+    (tmp_path / "bad.toml").write_text(extended.replace("8 = [1e-1]", "16 = [1e-1]"))
+    with pytest.raises(Exception, match=r"extra_lrs names ranks \[16\]"):
+        load_sweep(tmp_path / "bad.toml")
+
+
 def test_command_writes_the_report_and_rejects_bad_phases(tmp_path):
     from typer.testing import CliRunner
 

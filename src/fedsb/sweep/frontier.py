@@ -173,7 +173,8 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
     lines.append("- Grid:\n")
     lines.append("| method | strategy | ranks | learning rates | method overrides |\n|---|---|---|---|---|")
     for m in sweep.methods:
-        lines.append(f"| {m.name} | {m.strategy} | {', '.join(map(str, m.ranks))} | {', '.join(f'{x:g}' for x in m.lrs)} | {', '.join(m.set) or '-'} |")
+        extra = "".join(f"; r{r} also {', '.join(f'{x:g}' for x in xs)}" for r, xs in m.extra_lrs)
+        lines.append(f"| {m.name} | {m.strategy} | {', '.join(map(str, m.ranks))} | {', '.join(f'{x:g}' for x in m.lrs)}{extra} | {', '.join(m.set) or '-'} |")
     lines.append("")
 
     groups = group_runs(test)
@@ -218,6 +219,8 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
 
     if selection:
         lines.append("## Learning-rate selection (validation accuracy at the final round, %)\n")
+        lines.append("A chosen rate marked *edge* is the lowest or highest its rank was run at: a better one may lie beyond it.\n")
+        grid = {(m.name, r): m.lrs_at(r) for m in sweep.methods for r in m.ranks}
         lrs = sorted({s["lr"] for s in selection})
         lines.append("| method | rank | " + " | ".join(f"lr {x:g}" for x in lrs) + " | chosen |")
         lines.append("|---|---:|" + "---:|" * len(lrs) + "---:|")
@@ -227,7 +230,10 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
         for (m, r), per_lr in sorted(by_key.items()):
             cells = [_pct(per_lr[x]["final"].get("accuracy")) if x in per_lr else "-" for x in lrs]
             pick = chosen.get((m, r))
-            lines.append(f"| {m} | {r} | " + " | ".join(cells) + f" | {'-' if pick is None else f'{pick:g}'} |")
+            rates = grid.get((m, r), ())
+            at_edge = pick is not None and len(rates) > 1 and pick in (rates[0], rates[-1])
+            shown = "-" if pick is None else f"{pick:g}" + (" *edge*" if at_edge else "")
+            lines.append(f"| {m} | {r} | " + " | ".join(cells) + f" | {shown} |")
         lines.append("")
 
     sel_cpu, test_cpu = sum(s["cpu_s"] for s in selection), sum(s["cpu_s"] for s in test)

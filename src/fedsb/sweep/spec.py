@@ -16,6 +16,7 @@
     ranks = [16, 64]
     lrs = [1e-3, 3e-3, 1e-2]
     set = ["init.method=\"central\""]      # overrides for this method only
+    extra_lrs = { 16 = [3e-2] }            # rates for one rank only (e.g. past an edge of the grid)
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ class Method:
     ranks: tuple[int, ...]
     lrs: tuple[float, ...]
     set: tuple[str, ...] = ()
+    # Rates run at one rank only: when validation puts a rank's best rate at the edge of the
+    # shared grid, the grid is extended for that rank alone rather than for every rank.
+    extra_lrs: tuple[tuple[int, tuple[float, ...]], ...] = ()
+
+    def lrs_at(self, rank: int) -> tuple[float, ...]:
+        """The rates this rank is selected over, in increasing order."""
+        extra = dict(self.extra_lrs).get(rank, ())
+        return tuple(sorted({*self.lrs, *extra}))
 
     @property
     def slug(self) -> str:
@@ -81,7 +90,7 @@ class Sweep:
     validation_every: int = 1  # selection cells likewise (0: the final round only)
 
     def selection_cells(self) -> list[Cell]:
-        return [Cell("select", m, r, lr, self.selection_seed) for m in self.methods for r in m.ranks for lr in m.lrs]
+        return [Cell("select", m, r, lr, self.selection_seed) for m in self.methods for r in m.ranks for lr in m.lrs_at(r)]
 
     def test_cells(self, chosen: dict[tuple[str, int], float]) -> list[Cell]:
         """The chosen lr of every (method, rank) that has one, with each test seed."""
@@ -123,11 +132,16 @@ def _method(d: dict[str, Any]) -> Method:
             ranks=tuple(int(r) for r in d["ranks"]),
             lrs=tuple(float(x) for x in d["lrs"]),
             set=tuple(d.get("set", [])),
+            extra_lrs=tuple(sorted((int(r), tuple(float(x) for x in xs)) for r, xs in d.get("extra_lrs", {}).items())),
         )
     except KeyError as e:
         raise ConfigError(f"[[method]] needs {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"method {d.get('name')!r}: extra_lrs must map ranks to lists of rates ({e})") from None
     if not m.ranks or not m.lrs:
         raise ConfigError(f"method {m.name!r}: ranks and lrs must not be empty")
+    if stray := sorted({r for r, _ in m.extra_lrs} - set(m.ranks)):
+        raise ConfigError(f"method {m.name!r}: extra_lrs names ranks {stray} that are not in ranks {list(m.ranks)}")
     return m
 
 
