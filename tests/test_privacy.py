@@ -657,25 +657,3 @@ def test_privacy_table_quick_runs_end_to_end_with_references(snli_file, tmp_path
     assert 0 < probe["epsilon"] <= 1.0 and probe["accuracy"] is not None
     text = out.read_text()
     assert "Linear probe (head only)" in text and "Full fine-tuning (non-private)" in text
-
-
-def test_privacy_table_workers_rerun_the_command_without_workers(monkeypatch):
-    import subprocess
-    import sys
-
-    from fedsb.commands import privacy_table as pt
-
-    started = []
-
-    class FakeProc:
-        def __init__(self, args):
-            started.append(args)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(subprocess, "Popen", FakeProc)
-    monkeypatch.setattr(sys, "argv", ["fedsb", "privacy-table", "c.toml", "--workers", "2", "--seeds", "0,1", "--workers=2"])
-    pt._run_workers(2)
-    assert len(started) == 2
-    assert started[0][1:] == ["-m", "fedsb.cli", "privacy-table", "c.toml", "--seeds", "0,1", "--cells-only"]

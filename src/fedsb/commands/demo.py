@@ -37,9 +37,11 @@ def _overrides(values: dict[str, Any]) -> list[str]:
 
 
 def curve(out: Path, summary: dict[str, Any]) -> list[tuple[float, float]]:
+    """(cumulative bytes incl. one-time costs, accuracy) per scored round, from the base model on:
+    the first point is the untuned model after only the one-time costs were paid."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     spent = summary["one_time_bytes"]
-    points = []
+    points = [] if summary.get("accuracy_before") is None else [(spent, summary["accuracy_before"])]
     for r in rows:
         spent += r["bytes_up"] + r["bytes_down"]
         if r.get("eval"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -304,8 +305,11 @@ def privacy_table(
         methods, epsilons, seed_list = QUICK_METHODS, QUICK_EPSILONS, seed_list[:1]
         overrides = [*QUICK_OVERRIDES, *overrides]  # the caller's --set still wins
     cells = plan_cells(parse_methods(methods), epsilons, list(setting), seed_list, references)
-    if workers > 1:
-        _run_workers(workers)
+    if workers > 1:  # the same command in N processes that only run cells; this one then tables them
+        from fedsb.commands.workers import argv_without, run_workers
+
+        if run_workers([*argv_without("--workers", sys.argv[1:]), "--cells-only"], workers):
+            raise typer.Exit(1)
     rows = []
     for i, cell in enumerate(cells):
         row = run_cell(cell, config, overrides=overrides, runs_dir=runs_dir, baseline_alpha=baseline_alpha, reference_lr={"probe": probe_lr, "full": full_lr})
@@ -338,24 +342,6 @@ def privacy_table(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"rows": rows, "entries": entries, "cpu_seconds": cpu_total}, indent=2))
     typer.echo(f"wrote {out} and {png}; total CPU {cpu_total:.0f} s")
-
-
-def _run_workers(n: int) -> None:
-    """The same command in `n` processes that only run cells (this process's argv, minus --workers)."""
-    import subprocess
-    import sys
-
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--workers":
-            skip = True
-        elif not a.startswith("--workers="):
-            args.append(a)
-    procs = [subprocess.Popen([sys.executable, "-m", "fedsb.cli", *args, "--cells-only"]) for _ in range(n)]
-    if any(p.wait() for p in procs):
-        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - `python -m fedsb.commands.privacy_table`

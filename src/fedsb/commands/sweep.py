@@ -6,8 +6,6 @@ Resumable: rerun the same command after an interruption; finished cells are neve
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,21 +37,19 @@ def sweep(
     except ConfigError as e:
         typer.echo(f"sweep config error: {e}", err=True)
         raise typer.Exit(2) from None
+    from fedsb.commands.workers import exit_on_sigterm, run_workers
+
     if workers > 1:
-        args = [sys.executable, "-m", "fedsb.cli", "sweep", str(spec), "--threads", str(threads)]
+        args = ["sweep", str(spec), "--threads", str(threads)]
         args += [a for k, v in overrides.items() for a in (f"--{k}", v)]
         args += [a for p in phases for a in ("--phase", p)]
-        procs = [subprocess.Popen(args) for _ in range(workers)]
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise typer.Exit(max(codes))
+        if code := run_workers(args, workers):
+            raise typer.Exit(code)
         return
-    import signal
-
     import torch
 
     # A stop (SIGTERM, e.g. the end of a session) unwinds like Ctrl-C: the running cell records
     # its attempt's CPU time and releases its claim; its checkpoints let it resume later.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     torch.set_num_threads(threads)
     run_sweep(spec_obj, phases=phases, log=lambda m: typer.echo(m, err=True))
