@@ -244,6 +244,8 @@ def test_scoring_frequency_per_phase(tmp_path):
     select, = [c for c in s.selection_cells() if c.method.name == "FedIT" and c.lr == 1e-3]
     assert s.cell_config(select).task.eval_every == 0
     test = s.test_cells({("FedIT", 2): 1e-3})[0]
+    order = [(c.method.name, c.seed) for c in s.test_cells({("FedIT", 2): 1e-3, ("Fed-SB", 4): 1e-2})]
+    assert order == [("Fed-SB", 0), ("FedIT", 0), ("Fed-SB", 1), ("FedIT", 1)]  # every setting once, then again
     assert s.cell_config(test).task.eval_every == 2
     (tmp_path / "bad.toml").write_text("eval_every = 0\n" + SWEEP)
     with pytest.raises(Exception, match="eval_every"):

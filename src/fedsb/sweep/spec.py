@@ -93,10 +93,11 @@ class Sweep:
         return [Cell("select", m, r, lr, self.selection_seed) for m in self.methods for r in m.ranks for lr in m.lrs_at(r)]
 
     def test_cells(self, chosen: dict[tuple[str, int], float]) -> list[Cell]:
-        """The chosen lr of every (method, rank) that has one, with each test seed."""
+        """The chosen lr of every (method, rank) that has one, with each test seed; seed-major, so
+        that a sweep stopped part-way has scored every setting once before any twice."""
         return [
             Cell("test", m, r, chosen[(m.name, r)], s)
-            for m in self.methods for r in m.ranks if (m.name, r) in chosen for s in self.seeds
+            for s in self.seeds for m in self.methods for r in m.ranks if (m.name, r) in chosen
         ]
 
     def cell_config(self, cell: Cell) -> ExperimentConfig:
