@@ -197,6 +197,23 @@ def test_pareto_and_markdown_writer(sweep):
     assert fedit.count("yes") == 1  # dominated on upload, on the frontier for total bytes
     assert "| 2t1d | 3t2d |" in md and "80 (150)" in md
     assert "Most accurate within a byte budget" in md and "**51.0 [" in md  # Fed-SB r64 is the best within 100 kB
+    standing = next(line for line in md.splitlines() if line.startswith("| Fed-SB | 4 |") or line.startswith("| Fed-SB | 64 | 51.0"))
+    assert standing.count("**on the frontier**") == 2  # the most accurate: nothing dominates it on either axis
+
+
+def test_standing_names_what_dominates_a_setting_and_whether_intervals_separate(sweep):
+    from fedsb.sweep.frontier import _standing_section, dominators, group_runs
+
+    runs = [_fake("Fed-SB", 64, 2e-3, 0, 0.30, 1e5, 8e7), _fake("FedIT", 1, 1e-3, 0, 0.60, 5e4, 0),
+            _fake("FedIT", 2, 1e-3, 0, 0.32, 9e4, 0), _fake("FedIT", 8, 1e-3, 0, 0.90, 1e6, 0)]
+    groups = group_runs(runs)
+    i = next(k for k, g in enumerate(groups) if g["method"] == "Fed-SB")
+    assert [(d["method"], d["rank"]) for d in dominators(groups, i, "upload_cum")] == [("FedIT", 1), ("FedIT", 2)]
+    row = next(line for line in _standing_section(groups, ["Fed-SB"]) if line.startswith("| Fed-SB | 64 |"))
+    upload, total = row.split(" | ")[3:5]
+    assert "FedIT r1 60.0 at" in upload and "(separable)" in upload and "FedIT r2 32.0 at" in upload and "(within intervals)" in upload
+    assert "FedIT r8" not in upload  # more accurate, but it uploads more
+    assert "FedIT r8 90.0" in total  # counting Fed-SB's one-time broadcast, it sends less
 
 
 def test_extra_lrs_extend_one_rank_and_the_report_marks_edge_choices(tmp_path):

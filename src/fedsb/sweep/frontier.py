@@ -131,6 +131,44 @@ def _budget_section(groups: list[dict[str, Any]], methods: list[str]) -> list[st
     return lines
 
 
+def dominators(groups: list[dict[str, Any]], i: int, axis: str) -> list[dict[str, Any]]:
+    """The settings that beat groups[i] at the final round: no more bytes on `axis`, no less
+    accuracy, one of them strictly; most accurate first."""
+    x, y = groups[i]["final"][axis], groups[i]["accuracy"]
+    out = [g for j, g in enumerate(groups) if j != i and g["final"][axis] <= x and g["accuracy"] >= y
+           and (g["final"][axis] < x or g["accuracy"] > y)]
+    return sorted(out, key=lambda g: -g["accuracy"])
+
+
+def _standing_section(groups: list[dict[str, Any]], focus: list[str]) -> list[str]:
+    """Whether each setting of the focus methods (Fed-SB's lines) is on the frontier, per axis,
+    and if not, what beats it and whether the intervals separate them."""
+    rows = [i for i, g in enumerate(groups) if g["method"] in focus]
+    if not rows:
+        return []
+    lines = [f"### Where {', '.join(focus)} stand (final round, test, pooled over seeds)\n",
+             "On the frontier: no other setting is at least as accurate with no more bytes. Otherwise the settings "
+             "that dominate it (at most three, most accurate first) and whether their 95% intervals separate from "
+             "its interval (*separable*) or overlap (*within intervals*: the data cannot tell them apart).\n",
+             "| method | rank | test accuracy % [95% CI] | " + " | ".join(label for _, label in AXES) + " |",
+             "|---|---:|---:|" + "---|" * len(AXES)]
+    for i in rows:
+        g, cells = groups[i], []
+        for axis, _ in AXES:
+            beat = dominators(groups, i, axis)
+            if not beat:
+                cells.append("**on the frontier**")
+                continue
+            parts = []
+            for d in beat[:3]:
+                sep = "separable" if d["ci95"][0] > g["ci95"][1] else "within intervals"
+                parts.append(f"{d['method']} r{d['rank']} {100 * d['accuracy']:.1f} at {human_bytes(d['final'][axis])} ({sep})")
+            cells.append("dominated by " + "; ".join(parts) + (f"; +{len(beat) - 3} more" if len(beat) > 3 else ""))
+        lines.append(f"| {g['method']} | {g['rank']} | {_ci(g)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -193,6 +231,7 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
                 f"{human_bytes(g['final']['total_cum'])} | {'yes' if pu else ''} | {'yes' if pt else ''} | {g['max_exactness_error']:.1e} |"
             )
         lines.append("")
+        lines += _standing_section(groups, [m.name for m in sweep.methods if m.strategy == "fedsb"])
         lines += _budget_section(groups, [m.name for m in sweep.methods if any(g["method"] == m.name for g in groups)])
         lines.append("### Accuracy per round (test, mean over seeds, %)\n")
         scored = sorted({p["round"] for g in groups for p in g["curve"]})  # rounds 0 (base) and every k-th
