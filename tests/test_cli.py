@@ -73,7 +73,7 @@ def test_demo_machinery_on_tiny_model(tmp_path, monkeypatch):
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text()) == result
     points = demo.curve(tmp_path / "fedsb", {"one_time_bytes": 7, "accuracy_before": 0.25})
-    assert points[0] == (7, 0.25) and len(points) == 3  # the plot starts from the base model, then rounds 1-2
+    assert points[0] == (7, 0.25) and len(points) == 2  # the plot starts from the base model, then round 2 (eval_every 2)
     assert points[1][0] > 7
 
 

@@ -295,7 +295,10 @@ def plot(groups: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110, sharey=True)
     methods = sorted({g["method"] for g in groups})
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    bases = [p["accuracy"] for g in groups for p in g["curve"][:1] if p["round"] == 0 and p.get("n")]
     for ax, (key, label) in zip(axes, AXES):
+        if bases:  # round 0 sits at 0 bytes for most methods: a line, since a log axis has no 0
+            ax.axhline(100 * sum(bases) / len(bases), color="gray", ls="--", lw=1)
         flags = pareto([(g["final"][key], g["accuracy"]) for g in groups])
         for g, on_front in zip(groups, flags):
             pts = [p for p in g["curve"] if p[key] > 0]
@@ -314,6 +317,8 @@ def plot(groups: list[dict[str, Any]], path: Path, title: str) -> Path:
     axes[0].set_ylabel("test accuracy (%), 95% CI; thin lines: per round")
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
     handles.append(plt.Line2D([], [], marker="o", ms=11, mfc="none", mec="black", ls="", label="Pareto-optimal"))
+    if bases:
+        handles.append(plt.Line2D([], [], color="gray", ls="--", label="base model (untuned)"))
     axes[1].legend(handles=handles, fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
