@@ -131,6 +131,7 @@ def test_full_sweep_then_rerun_skips_every_finished_cell(sweep, monkeypatch):
     assert fedsb["one_time_per_client"] > 0 and fedsb["cpu_s"] > 0
     assert fedsb["curve"][-1]["total_cum"] > fedsb["curve"][-1]["upload_cum"] > 0
     stamps = {p: p.stat().st_mtime_ns for p in sweep.out.glob("*/*/cell.json")}
+    assert not list(sweep.out.glob("*/*/run/checkpoint")) and list(sweep.out.glob("*/*/run/adapter"))  # disk freed
     calls.clear()
     run_sweep(sweep, log=lambda m: None)
     assert calls == [] and stamps == {p: p.stat().st_mtime_ns for p in sweep.out.glob("*/*/cell.json")}

@@ -101,7 +101,7 @@ def is_claimed(folder: Path) -> bool:
 def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run `cell` unless it is finished or another live process holds it; returns its summary
     (None when someone else has it). An interrupted run continues from its last round."""
-    from fedsb.federated.checkpoint import has_checkpoint
+    from fedsb.federated.checkpoint import CHECKPOINT_DIR, has_checkpoint
     from fedsb.federated.server import run_or_resume
 
     folder = cell_dir(sweep, cell)
@@ -134,6 +134,9 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         out = {**cell_summary(cell, config.federation.num_clients, summary, rows, attempts), "fingerprint": fingerprint(sweep, cell)}
         atomic_write_json(folder / SUMMARY, out)
+        # A finished cell never runs again: its round checkpoints (twice the adapter, 156 MB at
+        # r = 64 on SmolLM2) only fill the disk; the final adapter stays in run/adapter.
+        shutil.rmtree(run / CHECKPOINT_DIR, ignore_errors=True)
         return out
     finally:
         release(folder)
