@@ -301,7 +301,7 @@ def plot(groups: list[dict[str, Any]], path: Path, title: str) -> Path:
             ax.axhline(100 * sum(bases) / len(bases), color="gray", ls="--", lw=1)
         flags = pareto([(g["final"][key], g["accuracy"]) for g in groups])
         for g, on_front in zip(groups, flags):
-            pts = [p for p in g["curve"] if p[key] > 0]
+            pts = [p for p in g["curve"] if p["round"] > 0]  # round 0 is the dashed base line
             c = colors[g["method"]]
             if pts:
                 ax.plot([p[key] for p in pts], [100 * p["accuracy"] for p in pts], color=c, alpha=0.35, lw=1)
