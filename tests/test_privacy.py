@@ -83,7 +83,7 @@ def test_calibration_errors(kwargs, match):
         ({"target_epsilon": math.inf}, "enabled = false"),
         ({"delta": 1.0}, "privacy.delta"),
         ({"delta": 1.5}, "privacy.delta"),
-        ({"clipping": "per_layer"}, "privacy.clipping"),
+        ({"clipping": "per_tensor"}, "privacy.clipping"),
         ({"init_noise_multiplier": 0.0}, "init_noise_multiplier"),
     ],
 )
@@ -132,7 +132,7 @@ def _session(model, items, tok, *, clipping="flat", noise=1.0, clip=1.0, batch=8
     return session, (lambda idx: collate([items[i] for i in idx], tok.pad_token_id, True))
 
 
-@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "ghost"])
 def test_private_step_changes_r_and_leaves_a_plain_model(clipping):
     model, tok, items = _tiny()
     r_params = {n: l.R.weight for n, l in adapter_layers(model).items()}
@@ -154,7 +154,7 @@ def test_private_step_changes_r_and_leaves_a_plain_model(clipping):
     assert out.logits.shape == (2, 3)
 
 
-@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "ghost"])
 @pytest.mark.parametrize("kind", ["lorasb", "lora"])
 def test_per_example_clipping_bounds_the_update(clipping, kind):
     """No noise, SGD with lr 1: the step is the sum of clipped per-example gradients divided by
@@ -169,6 +169,32 @@ def test_per_example_clipping_bounds_the_update(clipping, kind):
     step = math.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))
     expected_batch = 24 * poisson_sample_rate(24, 8)
     assert 0 < step <= 1e-3 * stats.examples / expected_batch * (1 + 1e-4)
+
+
+def test_per_layer_clipping_bounds_every_tensor_and_keeps_the_noise():
+    """Each of the K trainable tensors moves by at most C / sqrt(K) per drawn example (SGD, lr 1,
+    no noise), the noise is calibrated to the same total bound C as flat clipping, and the head
+    no longer takes the whole budget: the R's share of the step is larger than under flat."""
+    def step(clipping):
+        model, tok, items = _tiny()
+        before = trainable_state(model, ["classifier"])
+        session, make_batch = _session(model, items, tok, clipping=clipping, noise=0.0, clip=1e-3, lr=1.0, opt="sgd")
+        torch.manual_seed(1)
+        with session:
+            stats = session.train(steps=1, make_batch=make_batch, lr_for_step=lambda s: 1.0)
+            total_bound = session.dp_optimizer.max_grad_norm
+        after = trainable_state(model, ["classifier"])
+        moves = {k: float((after[k] - before[k]).norm()) for k in before}
+        return moves, stats, total_bound
+
+    moves, stats, total_bound = step("per_layer")
+    k = len(moves)
+    expected_batch = 24 * poisson_sample_rate(24, 8)
+    assert total_bound == pytest.approx(1e-3, rel=1e-6)  # noise std = sigma * C, as under flat clipping
+    assert all(0 < m <= 1e-3 / math.sqrt(k) * stats.examples / expected_batch * (1 + 1e-4) for m in moves.values())
+    flat, _, _ = step("flat")
+    share = lambda m: sum(v**2 for n, v in m.items() if n.endswith(".R")) / sum(v**2 for v in m.values())  # noqa: E731
+    assert share(moves) > share(flat)
 
 
 def test_lora_grad_sampler_matches_functorch_and_autograd():
@@ -605,19 +631,34 @@ def test_privacy_table_plans_the_runs_and_renders(tmp_path, monkeypatch):
     config.write_text("[task]\nname = 'snli'\n")
     out = tmp_path / "table.md"
     kw = dict(out=out, runs_dir=tmp_path / "runs", methods="fedsb:32,ffa:32", epsilon=[1.0, math.inf], setting=["federated"], seeds="0,1",
-              references=False, probe_lr=None, full_lr=5e-5, set_=[], baseline_alpha=32.0, quick=False, json_out=None, note=[])  # fmt: skip
+              references=False, probe_lr=None, full_lr=5e-5, set_=[], set_private=["train.lr=0.02"], baseline_alpha=32.0,
+              quick=False, json_out=None, note=[])  # fmt: skip
     pt.privacy_table(config, **kw)
     assert len(seen) == 8  # 2 methods x 2 epsilons x 2 seeds
+    assert all(("train.lr=0.02" in o) == ("privacy.enabled=true" in o) for o in seen)  # --set-private: private cells only
     fedsb_inf = next(o for o in seen if "federation.strategy='fedsb'" in o and "privacy.enabled=false" in o)
     assert "federation.num_clients=3" in fedsb_inf and not any(o.startswith("adapter.alpha") for o in fedsb_inf)
     ffa_1 = next(o for o in seen if "federation.strategy='ffa'" in o and "privacy.enabled=true" in o)
     assert "privacy.target_epsilon=1.0" in ffa_1 and "adapter.alpha=32.0" in ffa_1
     text = out.read_text()
     assert "| Fed-SB | 32 | 51.0 (50.0-52.0) [41.3, 60.6] ε 0.99 | 51.0 (50.0-52.0) [41.3, 60.6] ε ∞ | 4.2 kB |" in text
-    assert "Total CPU time" in text and out.with_suffix(".png").exists()
+    assert "Total CPU time" in text and out.with_suffix(".png").exists() and "private cells only: `train.lr=0.02`" in text
     assert len(list((tmp_path / "runs" / "cells").glob("*.json"))) == 8
     pt.privacy_table(config, **kw)  # every cell has its JSON: nothing runs again
     assert len(seen) == 8
+    assert [c.seed for c in pt.plan_cells(pt.parse_methods("fedsb:32"), [1.0, math.inf], ["federated"], [0, 1], True)] == [0] * 5 + [1] * 5  # 2 adapter, 2 probe, 1 full cells per seed
+
+    # The table replaces only its own part of the file: prose written around the markers stays.
+    out.write_text("# Mine\n\nprose before\n\n" + pt.BEGIN + "\nold table\n" + pt.END + "\n\nprose after\n")
+    pt.privacy_table(config, **kw)
+    text = out.read_text()
+    assert text.startswith("# Mine\n\nprose before") and text.endswith("prose after\n") and "old table" not in text
+    assert "| Fed-SB | 32 | 51.0 (50.0-52.0)" in text and text.count(pt.BEGIN) == 1
+
+    # --report-only runs nothing and tables what has finished, saying it is partial.
+    next((tmp_path / "runs" / "cells").glob("*seed1.json")).unlink()
+    pt.privacy_table(config, **{**kw, "report_only": True})
+    assert len(seen) == 8 and "**Partial table: 7 of 8 cells finished**" in out.read_text()
 
     # Workers: a cell claimed by a live process is left to it; the table waits for every cell.
     from fedsb.sweep.cells import release, try_claim
@@ -657,3 +698,29 @@ def test_privacy_table_quick_runs_end_to_end_with_references(snli_file, tmp_path
     assert 0 < probe["epsilon"] <= 1.0 and probe["accuracy"] is not None
     text = out.read_text()
     assert "Linear probe (head only)" in text and "Full fine-tuning (non-private)" in text
+
+
+def test_privacy_options_reach_the_client_session(snli_file, monkeypatch):
+    """privacy.clipping and privacy.encoder_dropout are what the DP session is built with."""
+    from fedsb.federated.client import step_runner
+    from fedsb.privacy import client as private_client
+
+    cfg = dp_config(snli_file, privacy={"clipping": "per_layer", "encoder_dropout": False})
+    runner = step_runner(cfg, noise_multiplier=1.0)
+    assert runner.clipping == "per_layer" and runner.encoder_dropout is False
+    seen = {}
+
+    class Spy(PrivateSession):
+        def __init__(self, *a, **kw):
+            seen.update(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(private_client, "PrivateSession", Spy)
+    model, tok, items = _tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+    from fedsb.federated.client import ClientData, ClientState, LocalPlan
+
+    plan = LocalPlan(train=cfg.train, seed=0, precision="fp32", pad_id=tok.pad_token_id, head_modules=["classifier"], steps=1, total_steps=1)
+    runner.run(model, torch.optim.AdamW(params), params, ClientData(0, items, True), plan, round_index=0, seed=0,
+               lr_for_step=lambda s: 1e-2, state=ClientState(), on_step=lambda loss: None)  # fmt: skip
+    assert seen["clipping"] == "per_layer" and seen["dropout"] is False

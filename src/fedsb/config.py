@@ -209,8 +209,11 @@ class PrivacyConfig:
     target_epsilon: float = 3.0
     delta: float | None = None  # None: 1 / (10 n), below 1/n for a client with n examples
     max_grad_norm: float = 1.0
-    clipping: str = "flat"  # "flat": opacus hooks (per-sample gradients); "ghost": ghost clipping
+    clipping: str = "flat"  # "flat": one bound on each example's whole gradient (opacus hooks);
+    # "per_layer": each trainable tensor clipped to max_grad_norm / sqrt(#tensors), same total bound;
+    # "ghost": ghost clipping (flat)
     init_noise_multiplier: float | None = None  # > 0: private gradient-SVD init on client data
+    encoder_dropout: bool = True  # false: the frozen model's dropout is off while training privately
     user_level: bool = False  # DP-FedAvg: clip each client's update and add noise at the server
     user_clip_norm: float = 1.0
     user_noise_multiplier: float = 1.0
@@ -231,7 +234,7 @@ class PrivacyConfig:
             _positive("privacy.user_noise_multiplier", self.user_noise_multiplier)
             if self.user_delta is not None and not 0 < self.user_delta < 1:
                 raise ConfigError(f"privacy.user_delta = {self.user_delta!r}: must be in (0, 1)")
-        _one_of("privacy.clipping", self.clipping, ("flat", "ghost"))
+        _one_of("privacy.clipping", self.clipping, ("flat", "per_layer", "ghost"))
 
 
 @dataclass

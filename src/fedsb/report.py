@@ -90,3 +90,18 @@ def accuracy_vs_bytes_plot(curves: dict[str, list[tuple[float, float]]], path: P
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def splice_generated(doc: Path, generated: str, *, begin: str, end: str, title: str) -> None:
+    """Write `generated` between the `begin` / `end` markers of `doc`, keeping the prose a person
+    wrote around them; a file without the markers gets `title` and the generated part alone."""
+    from fedsb.rundir import atomic_write_text
+
+    old = doc.read_text() if doc.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+    else:
+        head, tail = f"# {title}\n\n", "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(doc, head + begin + "\n\n" + generated.strip("\n") + "\n\n" + end + tail)

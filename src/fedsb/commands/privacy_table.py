@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,7 @@ import typer
 
 from fedsb.aggregation import get_strategy, strategy_names
 from fedsb.config import load_config
+from fedsb.report import splice_generated
 
 _DEFAULTS = tomllib.loads(resources.files("fedsb.resources").joinpath("privacy-table.toml").read_text())
 DEFAULT_METHODS: str = _DEFAULTS["methods"]
@@ -80,10 +82,12 @@ class Cell:
         method = self.strategy if self.strategy in REFERENCES else f"{self.strategy}-r{self.rank}"
         return f"{self.setting}-{method}-eps{_eps_label(self.epsilon)}-seed{self.seed}"
 
-    def overrides(self, baseline_alpha: float | None) -> list[str]:
+    def overrides(self, baseline_alpha: float | None, private: Sequence[str] = ()) -> list[str]:
+        """The cell's config overrides; `private` (e.g. the learning rate chosen under DP) applies
+        to the cells with a finite epsilon only."""
         ov = [f"seed={self.seed}", f"federation.num_clients={SETTINGS[self.setting]}", f"privacy.enabled={'false' if math.isinf(self.epsilon) else 'true'}"]
         if not math.isinf(self.epsilon):
-            ov.append(f"privacy.target_epsilon={self.epsilon}")
+            ov += [f"privacy.target_epsilon={self.epsilon}", *private]
         if self.strategy not in REFERENCES:
             ov += [f"federation.strategy='{self.strategy}'", f"adapter.rank={self.rank}"]
             if get_strategy(self.strategy).adapter_kind != "lorasb" and baseline_alpha is not None:
@@ -92,11 +96,14 @@ class Cell:
 
 
 def plan_cells(methods: list[tuple[str, int]], epsilons: list[float], settings: list[str], seeds: list[int], references: bool) -> list[Cell]:
-    """Adapter methods in every setting; the references centralized (probe at every epsilon, full at infinity)."""
-    cells = [Cell(s, m, r, e, seed) for s in settings for m, r in methods for e in epsilons for seed in seeds]
-    if references:
-        cells += [Cell("centralized", "probe", 0, e, seed) for e in epsilons for seed in seeds]
-        cells += [Cell("centralized", "full", 0, math.inf, seed) for seed in seeds]
+    """Adapter methods in every setting; the references centralized (probe at every epsilon, full at
+    infinity). Seed-major: a stopped table has every cell at the first seed before any at the next."""
+    cells = []
+    for seed in seeds:
+        cells += [Cell(s, m, r, e, seed) for s in settings for m, r in methods for e in epsilons]
+        if references:
+            cells += [Cell("centralized", "probe", 0, e, seed) for e in epsilons]
+            cells.append(Cell("centralized", "full", 0, math.inf, seed))
     return cells
 
 
@@ -113,7 +120,7 @@ def run_reference_cell(config_path: Path, overrides: list[str], kind: str, lr: f
     return run_reference(load_config(config_path, overrides), kind, lr=lr)
 
 
-def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None]) -> dict[str, Any] | None:
+def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None], private: Sequence[str] = ()) -> dict[str, Any] | None:
     """The cell's row: read from its JSON if it ran before, else run it and write the JSON
     atomically; None when another live process holds the cell."""
     from fedsb.sweep.cells import release, try_claim
@@ -128,16 +135,16 @@ def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: P
         if path.exists():  # finished between the check and the claim
             return json.loads(path.read_text())
         return _run_claimed(cell, config_path, path, overrides=overrides, runs_dir=runs_dir,
-                            baseline_alpha=baseline_alpha, reference_lr=reference_lr)
+                            baseline_alpha=baseline_alpha, reference_lr=reference_lr, private=private)
     finally:
         release(claim)
 
 
-def _run_claimed(cell: Cell, config_path: Path, path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None]) -> dict[str, Any]:
+def _run_claimed(cell: Cell, config_path: Path, path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None], private: Sequence[str]) -> dict[str, Any]:
     from fedsb.adapter.export import atomic_write_json
 
     cpu, wall = time.process_time(), time.perf_counter()
-    ov = [*overrides, *cell.overrides(baseline_alpha)]
+    ov = [*overrides, *cell.overrides(baseline_alpha, private)]
     if cell.strategy in REFERENCES:
         summary = run_reference_cell(config_path, ov, cell.strategy, reference_lr.get(cell.strategy))
     else:
@@ -211,14 +218,19 @@ def _eps_key(e: float | None) -> float:
     return math.inf if e is None else e
 
 
-def render_markdown(entries: list[dict[str, Any]], *, title: str, notes: list[str], cpu_seconds: float) -> str:
+# The command rewrites only what lies between these markers of --out; the prose around them stays.
+BEGIN, END = "<!-- fedsb privacy-table: begin -->", "<!-- fedsb privacy-table: end -->"
+TITLE = "Private fine-tuning on SNLI"
+
+
+def render_markdown(entries: list[dict[str, Any]], *, notes: list[str], cpu_seconds: float) -> str:
     epsilons = sorted({e["target_epsilon"] for e in entries}, key=_eps_key)
     seeds = max((e["seeds"] for e in entries), default=0)
-    lines = [f"# {title}", "", *notes, "", f"Total CPU time of the table's runs: {cpu_seconds / 3600:.2f} h ({cpu_seconds:.0f} s, {seeds} seed(s) per cell).", ""]
+    lines = ["Produced by `fedsb privacy-table`.", "", *notes, "", f"Total CPU time of the table's runs: {cpu_seconds / 3600:.2f} h ({cpu_seconds:.0f} s, {seeds} seed(s) per cell).", ""]
     for setting in dict.fromkeys(e["setting"] for e in entries):
         sub = [e for e in entries if e["setting"] == setting]
         clients = SETTINGS[setting]
-        lines += [f"## {setting.capitalize()} ({clients} client{'s' if clients > 1 else ''})", ""]
+        lines += [f"### {setting.capitalize()} ({clients} client{'s' if clients > 1 else ''})", ""]
         head = ["method", "rank"] + [f"ε = {'∞' if e is None else f'{e:g}'}" for e in epsilons] + ["upload / client / round", "CPU"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(epsilons) + 2)]
         for strategy, rank in dict.fromkeys((e["strategy"], e["rank"]) for e in sub):
@@ -287,12 +299,14 @@ def privacy_table(
     probe_lr: Annotated[float | None, typer.Option("--probe-lr", help="Learning rate of the linear probe (default: train.lr).")] = None,
     full_lr: Annotated[float, typer.Option("--full-lr", help="Learning rate of full fine-tuning.")] = 5e-5,
     set_: Annotated[list[str], typer.Option("--set", help="Config override KEY=VALUE (repeat), applied to every run.")] = [],  # noqa: B006
+    set_private: Annotated[list[str], typer.Option("--set-private", help="Config override KEY=VALUE (repeat) for the private cells only (finite epsilon), e.g. the learning rate chosen under DP.")] = [],  # noqa: B006
     baseline_alpha: Annotated[float, typer.Option("--baseline-alpha", help="LoRA alpha of the baselines (the paper: 32).")] = 32.0,
     quick: Annotated[bool, typer.Option("--quick", help="A ~2-minute version of the same code: two methods, ε 1 and ∞, one seed, small data.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     note: Annotated[list[str], typer.Option("--note", help="A line to print under the title (repeat).")] = [],  # noqa: B006
     workers: Annotated[int, typer.Option("--workers", min=1, help="Processes that share the cells (one torch thread each is up to you: OMP_NUM_THREADS).")] = 1,
     cells_only: Annotated[bool, typer.Option("--cells-only", hidden=True, help="Run cells, write no table (the workers).")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Run nothing: table the cells finished so far (a partial table says how many).")] = False,
 ) -> None:
     """Centralized and federated private fine-tuning at several epsilons and seeds; writes a table and a plot."""
     bad = [s for s in setting if s not in SETTINGS]
@@ -305,6 +319,8 @@ def privacy_table(
         methods, epsilons, seed_list = QUICK_METHODS, QUICK_EPSILONS, seed_list[:1]
         overrides = [*QUICK_OVERRIDES, *overrides]  # the caller's --set still wins
     cells = plan_cells(parse_methods(methods), epsilons, list(setting), seed_list, references)
+    if report_only:
+        workers, cells_only = 1, False
     if workers > 1:  # the same command in N processes that only run cells; this one then tables them
         from fedsb.commands.workers import argv_without, run_workers
 
@@ -312,7 +328,12 @@ def privacy_table(
             raise typer.Exit(1)
     rows = []
     for i, cell in enumerate(cells):
-        row = run_cell(cell, config, overrides=overrides, runs_dir=runs_dir, baseline_alpha=baseline_alpha, reference_lr={"probe": probe_lr, "full": full_lr})
+        if report_only:
+            path = runs_dir / "cells" / f"{cell.name}.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+            continue
+        row = run_cell(cell, config, overrides=overrides, runs_dir=runs_dir, baseline_alpha=baseline_alpha, reference_lr={"probe": probe_lr, "full": full_lr}, private=set_private)
         if row is None:  # held by another process: a worker; the table is written by the parent
             typer.echo(f"[{i + 1}/{len(cells)}] {cell.name}: held by another process", err=True)
             continue
@@ -321,14 +342,19 @@ def privacy_table(
         typer.echo(f"[{i + 1}/{len(cells)}] {cell.name}: accuracy {acc} epsilon {row['epsilon']} ({row['cpu_seconds']:.0f} s CPU)", err=True)
     if cells_only:
         return
-    if len(rows) < len(cells):
+    if not rows:
+        raise typer.Exit("no finished cells to table")
+    if len(rows) < len(cells) and not report_only:
         raise typer.Exit(f"{len(cells) - len(rows)} cells are held by other live processes; rerun when they finish")
+    if len(rows) < len(cells):
+        note = [f"**Partial table: {len(rows)} of {len(cells)} cells finished** (`--report-only`); a missing cell shows as -.", *note]
     entries = aggregate(rows)
     cpu_total = sum(r["cpu_seconds"] for r in rows)
     base = load_config(config, overrides)
     png = out.with_suffix(".png")
     notes = [
-        f"Config `{config}` ({base.model.name or 'all-MiniLM-L6-v2 (packaged)'}), overrides: {', '.join(f'`{s}`' for s in overrides) or 'none'}.",
+        f"Config `{config}` ({base.model.name or 'all-MiniLM-L6-v2 (packaged)'}), overrides: {', '.join(f'`{s}`' for s in overrides) or 'none'}"
+        + (f"; private cells only: {', '.join(f'`{s}`' for s in set_private)}." if set_private else "."),
         "Each cell: accuracy % on the held-out SNLI split, mean over seeds (min-max over seeds) [Wilson 95% interval of one run's "
         "evaluation at that mean] ε reached (the accountant's, max over clients and seeds, every round and any private init "
         "composed; ∞ = no DP). Upload: the bytes one client sends per round. CPU: the cells' process CPU time.",
@@ -336,7 +362,7 @@ def privacy_table(
         *note,
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(entries, title="Private fine-tuning on SNLI", notes=notes, cpu_seconds=cpu_total))
+    splice_generated(out, render_markdown(entries, notes=notes, cpu_seconds=cpu_total), begin=BEGIN, end=END, title=TITLE)
     plot(entries, png)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def step_runner(config: ExperimentConfig, noise_multiplier: float | None = None)
     if noise_multiplier is None:
         raise ValueError("privacy.enabled: the client's calibrated noise multiplier is required")
     p = config.privacy
-    return DpSgdSteps(noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping)
+    return DpSgdSteps(noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, encoder_dropout=p.encoder_dropout)
 
 
 def train_client(

@@ -28,6 +28,7 @@ class DpSgdSteps:
     noise_multiplier: float  # calibrated for the client's whole run (`PrivacyState.build`)
     max_grad_norm: float
     clipping: str = "flat"
+    encoder_dropout: bool = True
     label: str = " (DP)"
 
     def run(
@@ -62,6 +63,7 @@ class DpSgdSteps:
             noise_seed=seed,
             precision=plan.precision,  # bf16 autocast for the frozen encoder; what trains stays fp32
             lengths=[len(it) for it in client.items],  # length-sorted micro-batches of each Poisson draw
+            dropout=self.encoder_dropout,
         )
         with session:
             stats = session.train(steps=plan.steps, make_batch=make_batch, lr_for_step=lr_for_step, first_step=round_index * plan.steps, on_step=on_step)

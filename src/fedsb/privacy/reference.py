@@ -67,8 +67,8 @@ def run_reference(cfg: ExperimentConfig, kind: str, *, lr: float | None = None) 
         sigma = calibrate_noise(target_epsilon=cfg.privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps)
         session = PrivateSession(
             model, optimizer, num_examples=n, batch_size=logical, physical_batch_size=t.batch_size,
-            noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, noise_seed=cfg.seed,
-            precision=t.precision, lengths=[len(it) for it in items],
+            noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, clipping=cfg.privacy.clipping, noise_seed=cfg.seed,
+            precision=t.precision, lengths=[len(it) for it in items], dropout=cfg.privacy.encoder_dropout,
         )  # fmt: skip
         with session:
             stats = session.train(steps=steps, make_batch=lambda idx: collate([items[i] for i in idx], pad, True), lr_for_step=lambda s: lr)
