@@ -131,9 +131,34 @@ def causal_lm_packed_loss(model: nn.Module, batch: Mapping[str, Tensor], token_w
     return (ce * token_weight[0, keep]).sum()
 
 
+def fused_head_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight: Tensor) -> Tensor:
+    """sum over supervised tokens of (cross-entropy x the token's weight), the head and its loss
+    fused in token chunks (`fedsb.head_loss`); padded or packed rows alike. token_weight: fp32,
+    shaped like input_ids."""
+    from fedsb.head_loss import chunked_head_cross_entropy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shifted = _shifted_labels(batch)
+    if shifted is None:
+        raise ValueError("the fused head loss needs a causal LM batch (2-D labels shaped like input_ids)")
+    keep = shifted != -100
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state  # no KV cache: packed rows stay apart
+    return chunked_head_cross_entropy(hidden[keep], base.get_output_embeddings().weight, shifted[keep], token_weight[keep])
+
+
 def physical_batch_loss(model: nn.Module, part: Any, device: torch.device) -> Tensor:
     """The weighted loss of one `fedsb.physical_batch.PhysicalBatch` (padded or packed)."""
+    from fedsb.head_loss import fused_head_supported
+
     batch = {k: v.to(device) for k, v in part.batch.items()}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if fused_head_supported(base):
+        if part.token_weight is not None:
+            weight = part.token_weight.to(device)
+        else:  # every token of a row carries its row's weight
+            weight = part.row_weight.to(device)[:, None].expand_as(batch["input_ids"])
+        return fused_head_loss(model, batch, weight)
     if part.token_weight is not None:
         return causal_lm_packed_loss(model, batch, part.token_weight.to(device))
     return (causal_lm_row_losses(model, batch) * part.row_weight.to(device)).sum()
