@@ -42,6 +42,11 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
     return int(round(warmup_ratio * total_steps))
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (peft wrappers pass kwargs on), else `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @lru_cache(maxsize=64)
 def _takes_logits_to_keep(forward_owner: type) -> bool:
     try:
@@ -60,7 +65,7 @@ def _shifted_labels(batch: Mapping[str, Tensor]) -> Tensor | None:
 
 def _head_logits(model: nn.Module, batch: Mapping[str, Tensor], shifted: Tensor) -> tuple[Tensor, int]:
     """(logits from the first position whose next label counts, that position) (`logits_to_keep`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers pass kwargs on
+    base = _unwrapped(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     counted = (shifted != -100).any(dim=0)
     if not _takes_logits_to_keep(type(base)) or not bool(counted.any()):
@@ -81,7 +86,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     a label) gets the model's own loss.
     """
     shifted = _shifted_labels(batch)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     if shifted is None or not _takes_logits_to_keep(type(base)) or not bool((shifted != -100).any()):
         return model(**batch).loss
     logits, first = _head_logits(model, batch, shifted)
@@ -108,7 +113,7 @@ PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # teste
 
 def supports_packing(model: nn.Module) -> bool:
     """True where rows can be packed into one sequence (see `fedsb.physical_batch`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     config = getattr(base, "config", None)
     return (
         getattr(config, "model_type", None) in PACKING_MODEL_TYPES
@@ -137,7 +142,7 @@ def fused_head_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight:
     shaped like input_ids."""
     from fedsb.head_loss import chunked_head_cross_entropy
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     shifted = _shifted_labels(batch)
     if shifted is None:
         raise ValueError("the fused head loss needs a causal LM batch (2-D labels shaped like input_ids)")
@@ -152,7 +157,7 @@ def physical_batch_loss(model: nn.Module, part: Any, device: torch.device) -> Te
     from fedsb.head_loss import fused_head_supported
 
     batch = {k: v.to(device) for k, v in part.batch.items()}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     if fused_head_supported(base):
         if part.token_weight is not None:
             weight = part.token_weight.to(device)

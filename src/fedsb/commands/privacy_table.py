@@ -120,12 +120,17 @@ def run_reference_cell(config_path: Path, overrides: list[str], kind: str, lr: f
     return run_reference(load_config(config_path, overrides), kind, lr=lr)
 
 
+def cell_json(runs_dir: Path, cell: Cell) -> Path:
+    """Where a finished cell's row is kept (its presence means: never run it again)."""
+    return runs_dir / "cells" / f"{cell.name}.json"
+
+
 def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None], private: Sequence[str] = ()) -> dict[str, Any] | None:
     """The cell's row: read from its JSON if it ran before, else run it and write the JSON
     atomically; None when another live process holds the cell."""
     from fedsb.sweep.cells import release, try_claim
 
-    path = runs_dir / "cells" / f"{cell.name}.json"
+    path = cell_json(runs_dir, cell)
     if path.exists():
         return json.loads(path.read_text())
     claim = runs_dir / "claims" / cell.name
@@ -329,7 +334,7 @@ def privacy_table(
     rows = []
     for i, cell in enumerate(cells):
         if report_only:
-            path = runs_dir / "cells" / f"{cell.name}.json"
+            path = cell_json(runs_dir, cell)
             if path.exists():
                 rows.append(json.loads(path.read_text()))
             continue
