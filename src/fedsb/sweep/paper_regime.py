@@ -1,0 +1,126 @@
+"""Issue 27: the paper's claims in the paper's own regime (one round of many local steps).
+
+    python -m fedsb.sweep.paper_regime configs/paper-regime-steps.toml              # run, resumable
+    python -m fedsb.sweep.paper_regime configs/paper-regime-steps.toml --report-only  # the report
+
+A sweep file (`fedsb.sweep.spec`) whose every method has exactly one learning rate: the rates
+were chosen on validation elsewhere (docs/frontier.md), so there is no selection phase here and
+each (method, rank) runs directly as test cells, seed-major, through the sweep's own resumable
+cell machinery (claims, per-round checkpoints, `cell.json`). Beside each `cell.json` this writes
+`paper.json`: the local-step count, the number of clients and the exactness meter's mean and max
+error, read from the run's metrics.jsonl (the cell summary keeps only the max). The report
+(`fedsb.sweep.paper_regime_report`) is rebuilt after every cell in a subprocess, so an edit of
+the report code takes effect without restarting a long run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedsb.adapter.export import atomic_write_json
+from fedsb.config import ConfigError
+from fedsb.sweep.cells import RUN, cell_dir, is_done
+from fedsb.sweep.spec import Cell, Sweep, load_sweep
+
+EXTRA = "paper.json"
+
+
+def fixed_rates(sweep: Sweep) -> dict[tuple[str, int], float]:
+    """(method, rank) -> its one learning rate; a method with several rates is a config error."""
+    out: dict[tuple[str, int], float] = {}
+    for m in sweep.methods:
+        for r in m.ranks:
+            lrs = m.lrs_at(r)
+            if len(lrs) != 1:
+                raise ConfigError(f"{sweep.path}: method {m.name!r} rank {r}: paper-regime cells take exactly one lr, got {list(lrs)}")
+            out[(m.name, r)] = lrs[0]
+    return out
+
+
+def cells_of(sweep: Sweep) -> list[Cell]:
+    return sweep.test_cells(fixed_rates(sweep))
+
+
+def write_extra(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
+    """paper.json beside the finished cell's cell.json, from its run's metrics (None if no run)."""
+    metrics = cell_dir(sweep, cell) / RUN / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    config = sweep.cell_config(cell)
+    errs_max = [r["exactness_max"] for r in rows if r.get("exactness_max") is not None]
+    errs_mean = [r["exactness_mean"] for r in rows if r.get("exactness_mean") is not None]
+    extra = {
+        "id": cell.id,
+        "local_steps": config.train.local_steps,
+        "num_clients": config.federation.num_clients,
+        "batch_size": config.train.batch_size,
+        "partition": config.federation.partition,
+        "train_limit": config.task.train_limit,
+        "exactness_max": max(errs_max) if errs_max else None,
+        "exactness_mean": sum(errs_mean) / len(errs_mean) if errs_mean else None,
+        "steps_per_round": [r.get("steps") for r in rows],
+        "train_loss_per_round": [r.get("train_loss") for r in rows],
+    }
+    atomic_write_json(cell_dir(sweep, cell) / EXTRA, extra)
+    return extra
+
+
+def regenerate_report(spec: Path) -> None:
+    """Rebuild the report in a fresh interpreter (the newest report code); a failure is logged only."""
+    done = subprocess.run([sys.executable, "-m", "fedsb.sweep.paper_regime", str(spec), "--report-only"], check=False)
+    if done.returncode:
+        print(f"[paper-regime] report failed (exit {done.returncode}); the cells are unaffected", file=sys.stderr, flush=True)
+
+
+def run(spec: Path, *, threads: int = 1, report: bool = True) -> None:
+    """Run every cell not finished, in order; paper.json and the report after each one."""
+    import torch
+
+    from fedsb.commands.workers import exit_on_sigterm
+    from fedsb.sweep.runner import run_phase
+
+    sweep = load_sweep(spec)
+    exit_on_sigterm()
+    torch.set_num_threads(threads)
+    for cell in cells_of(sweep):
+        if is_done(sweep, cell):
+            if not (cell_dir(sweep, cell) / EXTRA).exists():
+                write_extra(sweep, cell)
+            continue
+        run_phase(sweep, [cell], log=lambda m: print(m, file=sys.stderr, flush=True), wait=False)
+        if is_done(sweep, cell):
+            write_extra(sweep, cell)
+            if report:
+                regenerate_report(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fedsb.sweep.paper_regime", description=__doc__.splitlines()[0])
+    p.add_argument("spec", type=Path, help="sweep TOML with one learning rate per method")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells; run nothing")
+    p.add_argument("--out", type=Path, default=Path("docs/paper-regime.md"), help="the report's path")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--no-report", action="store_true", help="do not rebuild the report after each cell")
+    a = p.parse_args(argv)
+    try:
+        if a.report_only:
+            from fedsb.sweep.paper_regime_report import write_report
+
+            path = write_report(load_sweep(a.spec), a.out)
+            print(f"[paper-regime] wrote {path}", file=sys.stderr)
+        else:
+            run(a.spec, threads=a.threads, report=not a.no_report)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
