@@ -91,7 +91,7 @@ def bench_one(nodes: int, rounds: int, rank: int, out: Path, threads: int | None
     t0 = time.perf_counter()
     with LocalFederation(out / "cluster", num_nodes=nodes, threads=threads) as fed:
         start = time.perf_counter() - t0
-        info = fed.run({"config-path": str(cfg_path), "out-dir": str(out / "dep"), "round-timeout": 3600.0}, timeout=7200)
+        info = fed.run({"config-path": str(cfg_path), "out-dir": str(out / "dep"), "round-timeout": 3600.0, "overwrite": True}, timeout=7200)
     dep_wall = time.perf_counter() - t0
     del os.environ["FEDSB_NODE_WORKER"]
     if info.get("status") != "finished:completed":
@@ -134,7 +134,7 @@ def secagg_check(out: Path, nodes: int = 3, rounds: int = 2) -> dict[str, Any]:
     cfg_path.write_text(tomli_w.dumps(data))
     run_experiment(load_config(cfg_path), out / "plain")
     with LocalFederation(out / "cluster", num_nodes=nodes) as fed:
-        info = fed.run({"config-path": str(cfg_path), "out-dir": str(out / "secagg"), "secagg": True, "round-timeout": 1800.0}, timeout=3600)
+        info = fed.run({"config-path": str(cfg_path), "out-dir": str(out / "secagg"), "secagg": True, "round-timeout": 1800.0, "overwrite": True}, timeout=3600)
     from safetensors.torch import load_file
 
     a, b = load_file(out / "plain/adapter/adapter.safetensors"), load_file(out / "secagg/adapter/adapter.safetensors")

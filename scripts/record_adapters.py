@@ -80,7 +80,7 @@ TIMING = ("seconds", "wall_seconds", "wall_s", "examples_per_s", "tokens_per_s")
 def strip(obj: Any) -> Any:
     """Drop timings (never reproducible)."""
     if isinstance(obj, dict):
-        return {k: strip(v) for k, v in obj.items() if k not in TIMING}
+        return {k: strip(v) for k, v in obj.items() if k not in TIMING and not k.endswith("_seconds")}
     if isinstance(obj, list):
         return [strip(v) for v in obj]
     return obj

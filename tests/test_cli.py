@@ -116,10 +116,8 @@ def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_pat
 def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_held_elsewhere(tmp_path, monkeypatch):
     """A `fedsb results` stopped after the base model's evaluation does not evaluate it again
     when restarted; a strategy whose folder another live process holds is left to it."""
-    import os
-
     from fedsb.federated import experiment, server
-    from fedsb.rundir import LOCK_NAME
+    from fedsb.rundir import LOCK_NAME, RunLock
 
     configs = one_round_tiny_configs(tmp_path)
     out = tmp_path / "runs"
@@ -138,10 +136,10 @@ def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_hel
     monkeypatch.undo()
     monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
     (out / "tiny" / "fedit").mkdir(parents=True)
-    held = {"pid": os.getppid(), "host": __import__("socket").gethostname(), "proc_start": None, "started": "now"}
-    (out / "tiny" / "fedit" / LOCK_NAME).write_text(json.dumps(held))  # a live process holds fedit
     calls.clear()
-    result = runner.invoke(app, args)
+    with RunLock(out / "tiny" / "fedit"):  # a live holder of fedit (an flock, as another process's would be)
+        assert (out / "tiny" / "fedit" / LOCK_NAME).exists()
+        result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert calls == [1]  # only fedsb's evaluation after its round: the base came from the file
     assert "being run by another process" in result.output

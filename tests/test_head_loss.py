@@ -63,5 +63,5 @@ def test_supported_only_for_a_frozen_plain_head_of_a_known_family():
     model.get_output_embeddings().weight.requires_grad_(True)
     assert not fused_head_supported(model)
     model.get_output_embeddings().weight.requires_grad_(False)
-    model.config.model_type = "gemma2"  # soft-capped logits: the model's own forward must run
-    assert not fused_head_supported(model)
+    model.config.model_type = "cohere"  # scaled logits (logit_scale): the model's own forward must run
+    assert not fused_head_supported(model)  # (Gemma-2's soft cap is applied by the fused loss: tests/test_device.py)

@@ -92,5 +92,7 @@ def test_cli_run_with_a_typo_in_task_options_is_one_line_exit_2(tmp_path):
     lines = [l for l in result.output.splitlines() if l.strip()]
     assert len(lines) == 1 and "task.options.train_sizee" in lines[0], result.output
     assert not (tmp_path / "out").exists()
+    # `--set` of a table merges into the file's table (issue 29 #10), so start from a clean file.
+    path.write_text(tomli_w.dumps(_config({"options": {}})))
     result = CliRunner().invoke(app, ["run", str(path), "--set", "task.options={train_size='x'}"])
     assert result.exit_code == 2 and "task.options.train_size = 'x': expected an integer" in result.output

@@ -63,19 +63,24 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.lr=1e-3")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this results folder")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace the results already in --out (deleted before the run starts)")] = False,
+    device: Annotated[str | None, typer.Option(help="model.device: auto, cpu, cuda or cuda:N (as --set model.device=...)")] = None,
 ) -> None:
     """Run a federated (or centralized: federation.num_clients = 1) experiment from a TOML config.
 
     A folder that already holds results is refused unless --resume or --overwrite is given; a
     resumed run refuses any config change except a few safe ones (more rounds, evaluation settings).
+    A run that stopped before its first round completed has nothing to resume: --resume starts it
+    again from the first round, with its config.
     """
     from fedsb.config import dump_config, load_config
     from fedsb.federated.checkpoint import checkpoint_round
     from fedsb.federated.server import run_experiment
     from fedsb.report import print_summary
-    from fedsb.rundir import RunDirError, open_run, record_changes, resume_changes
+    from fedsb.rundir import RunDirError, failed_start, open_run, record_changes, restart_failed_start, resume_changes
 
     changes: dict[str, Any] = {}
+    if device is not None:
+        set_ = [*(set_ or []), f'model.device="{device}"']
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
             raise typer.BadParameter("--out and --resume name different folders; give only --resume DIR")
@@ -94,10 +99,16 @@ def run(
         cfg = load_config(config, set_ or [])
         out = out or Path("results") / config.stem
     with open_run(out, resume=resume is not None, overwrite=overwrite):
-        if changes:
-            done = checkpoint_round(out)
-            record_changes(out, dump_config(cfg), changes, None if done is None else done + 1)
-        summary = run_experiment(cfg, out, resume=resume is not None, config_changes=changes or None)
+        restart = resume is not None and failed_start(out)  # checked under the lock
+        if restart:
+            console.print(f"{out}: no round completed before the run stopped; starting it again from the first round", markup=False)
+            restart_failed_start(out)
+            summary = run_experiment(cfg, out)
+        else:
+            if changes:
+                done = checkpoint_round(out)
+                record_changes(out, dump_config(cfg), changes, None if done is None else done + 1)
+            summary = run_experiment(cfg, out, resume=resume is not None, config_changes=changes or None)
     print_summary([summary], console=Console())
     console.print(f"results in {out}", markup=False)
 

@@ -41,10 +41,17 @@ class ModelConfig:
     # Storage of the adapted layers' frozen weights: "auto" (bf16 when training autocasts to
     # bf16, fp32 for fedex/flora), "fp32" (the fp32 masters kept before issue 19), "bf16".
     frozen_dtype: str = "auto"
+    # Where the model runs: "auto" (CUDA when torch sees one, else the CPU), "cpu", "cuda",
+    # "cuda:N"; resolved with precision and frozen_dtype by `fedsb.precision.resolve_placement`.
+    device: str = "auto"
 
     def validate(self) -> None:
         _one_of("model.kind", self.kind, ("causal", "classifier"))
         _one_of("model.frozen_dtype", self.frozen_dtype, ("auto", "fp32", "bf16"))
+        from fedsb.precision import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"model.device = {self.device!r}: allowed values are 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 @dataclass
@@ -74,8 +81,9 @@ class InitConfig:
     # when R's learning rate is far from full fine-tuning's, e.g. a few steps at lr 5e-3, where
     # the paper's rule would put a full-size step of 5e-3 on every weight and break the model.
     lr_eff: float = 0.0
-    # Target layers per gradient pass of the central init (0: all in one pass, as before issue
-    # 19); the fp32 gradient buffers held at once are those of one group.
+    # Target layers per gradient pass of the central init; the fp32 gradient buffers held at
+    # once are those of one group. 0: bounded, consecutive layers up to 4 GiB of buffers (one
+    # pass for models up to ~1B weights, as before; Mistral-7B's 28 GB in 7 passes).
     group_size: int = 0
     # Padded tokens per forward of the central init's gradient pass (its activation budget; the
     # per-batch loss normalization stays). 0: each init batch in one forward, as before issue 19.
@@ -127,7 +135,8 @@ class TrainConfig:
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.local_epochs", self.local_epochs)
         _positive("train.local_steps", self.local_steps, zero_ok=True)
-        _positive("train.max_length", self.max_length)
+        if self.max_length < 2:  # one prompt token and one response token: the least a loss can use
+            raise ConfigError(f"train.max_length = {self.max_length!r}: must be >= 2 (a prompt token and a response token to predict)")
         _positive("train.physical_batch", self.physical_batch, zero_ok=True)
         _positive("train.physical_tokens", self.physical_tokens, zero_ok=True)
         _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
@@ -147,6 +156,10 @@ class FederationConfig:
     weighted: bool = True  # weight updates by example count (the paper's code: unweighted)
     wire_dtype: str = "fp32"
     measure_exactness: bool = True
+    # Each party's own files instead of one data set split by `partition`: a folder with one
+    # sub-folder (train.jsonl, optional eval.jsonl) or one file per party, or a list of such
+    # files / folders (`fedsb.federated.parties`). num_clients is then the number of parties.
+    client_data: list[str] | str | None = None
 
     def validate(self) -> None:
         from fedsb.aggregation.registry import DEFAULT_STRATEGY, strategy_names
@@ -160,6 +173,14 @@ class FederationConfig:
         _one_of("federation.partition", self.partition, ("iid", "shards", "dirichlet"))
         _positive("federation.dirichlet_alpha", self.dirichlet_alpha)
         _one_of("federation.wire_dtype", self.wire_dtype, ("fp32", "bf16", "fp16"))
+        if self.client_data is not None:
+            from fedsb.federated.parties import resolve_parties
+
+            n = len(resolve_parties(self.client_data))
+            if self.num_clients != n:
+                raise ConfigError(f"federation.num_clients = {self.num_clients}: federation.client_data names {n} parties (leave num_clients out, or set it to {n})")
+            if self.partition != "iid":
+                raise ConfigError(f"federation.partition = {self.partition!r} does not apply with federation.client_data (each party trains on its own file)")
 
 
 @dataclass
@@ -193,6 +214,14 @@ class TaskConfig:
         _one_of("task.eval_mode", self.eval_mode, ("generate", "loglik", "none"))
         _positive("task.eval_batch_size", self.eval_batch_size)
         _positive("task.eval_every", self.eval_every, zero_ok=True)
+        # None and 0 keep their meaning (all examples; the task's default length); -1 is refused,
+        # not read as a Python slice (eval_limit = -1 evaluated all but one problem)
+        for key in ("train_limit", "eval_limit", "max_new_tokens"):
+            if getattr(self, key) is not None:
+                _positive(f"task.{key}", getattr(self, key), zero_ok=True)
+        for name, options in self.eval_options.items():
+            if isinstance(options.get("eval_limit"), int) and options["eval_limit"] < 0:
+                raise ConfigError(f"task.eval_options.{name}.eval_limit = {options['eval_limit']!r}: must be >= 0")
 
 
 @dataclass
@@ -249,6 +278,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> "ExperimentConfig":
+        _positive("seed", self.seed, zero_ok=True)  # numpy refuses a negative seed deep inside a run
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -394,21 +424,45 @@ def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a table")
-        node[path[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            node[path[-1]] = _merged(node[path[-1]], value)  # `train={lr=1e-3}` sets one key of [train]
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with `new`'s keys set, tables merged key by key (neither is changed)."""
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     data = merge_overrides(dict(data), overrides or [])
+    fed = data.get("federation")
+    if isinstance(fed, dict) and "num_clients" not in fed:  # with client_data: one client per party
+        parties = fed.get("client_data")
+        if parties and (isinstance(parties, str) or (isinstance(parties, list) and all(isinstance(p, str) for p in parties))):
+            from fedsb.federated.parties import resolve_parties
+
+            data["federation"] = {**fed, "num_clients": len(resolve_parties(parties))}
     return _build(ExperimentConfig, data, "").validate()
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file (give the experiment's .toml file)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     try:

@@ -53,6 +53,8 @@ def tokenize_all(examples: Sequence[Any], tokenizer: Any, template: str, max_len
     for ex in examples:
         if isinstance(ex, PairExample):
             out.append(tokenize_pair(ex, tokenizer, max_length))
+        elif hasattr(ex, "tokenize"):  # an example that renders itself (task "sft": chat turns)
+            out.append(ex.tokenize(tokenizer, template, max_length))
         else:
             out.append(tokenize_example(ex, tokenizer, template, max_length))
     return out
@@ -61,24 +63,24 @@ def tokenize_all(examples: Sequence[Any], tokenizer: Any, template: str, max_len
 def collate(items: Sequence[Tokenized], pad_id: int, classification: bool = False) -> dict[str, Tensor]:
     """Right-padded batch; pad positions have attention 0 and label IGNORE_INDEX."""
     width = max(len(it) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long, device="cpu")  # host batches: moved at the step
+    mask = torch.zeros((len(items), width), dtype=torch.long, device="cpu")
     for row, it in enumerate(items):
-        ids[row, : len(it)] = torch.tensor(it.input_ids)
+        ids[row, : len(it)] = torch.tensor(it.input_ids, device="cpu")
         mask[row, : len(it)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
     if any(it.token_type_ids is not None for it in items):
-        types = torch.zeros((len(items), width), dtype=torch.long)
+        types = torch.zeros((len(items), width), dtype=torch.long, device="cpu")
         for row, it in enumerate(items):
             if it.token_type_ids is not None:
-                types[row, : len(it)] = torch.tensor(it.token_type_ids)
+                types[row, : len(it)] = torch.tensor(it.token_type_ids, device="cpu")
         batch["token_type_ids"] = types
     if classification:
-        labels = torch.tensor([it.labels[0] for it in items], dtype=torch.long)
+        labels = torch.tensor([it.labels[0] for it in items], dtype=torch.long, device="cpu")
     else:
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long, device="cpu")
         for row, it in enumerate(items):
-            labels[row, : len(it)] = torch.tensor(it.labels)
+            labels[row, : len(it)] = torch.tensor(it.labels, device="cpu")
     batch["labels"] = labels
     return batch
 
@@ -88,11 +90,11 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.G
 
     Batches then hold similar lengths (little padding) while the order stays random.
     """
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = torch.randperm(len(lengths), generator=generator, device="cpu").tolist()
     window = batch_size * bucket
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    perm = torch.randperm(len(batches), generator=generator).tolist()
+    perm = torch.randperm(len(batches), generator=generator, device="cpu").tolist()
     return [batches[i] for i in perm]

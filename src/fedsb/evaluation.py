@@ -45,15 +45,9 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def _bf16_native(device: torch.device) -> bool:
-    if device.type == "cpu":
-        cpu = torch.cpu
-        return bool(
-            getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-        )
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return False
+    from fedsb.precision import native_bf16  # the one place that probes devices for bf16
+
+    return native_bf16(device)
 
 
 def inference_precision(model: torch.nn.Module, precision: str) -> str:
@@ -179,11 +173,11 @@ def _left_pad(
     seqs: Sequence[list[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")  # built on the host, moved once
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for r, s in enumerate(seqs):
         if s:
-            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long, device="cpu")
             mask[r, width - len(s):] = 1
     return ids.to(device), mask.to(device)
 
@@ -540,10 +534,10 @@ def _score_shared_prefix(
     rows = [(p, j) for p, reqs in enumerate(batch) for j in range(len(reqs))]
     options = [batch[p][j][0][len(contexts[p]):] for p, j in rows]
     width = max(len(o) for o in options)
-    opt_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    opt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    opt_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")  # moved below
+    opt_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for r, o in enumerate(options):
-        opt_ids[r, : len(o)] = torch.tensor(o)
+        opt_ids[r, : len(o)] = torch.tensor(o, device="cpu")
         opt_mask[r, : len(o)] = 1
     owner = torch.tensor([p for p, _ in rows], device=device)
     cache.batch_select_indices(owner)  # each option row gets a copy of its prompt's cache

@@ -26,7 +26,12 @@ def _libc() -> Any:
         return None
 
 
-def release_free_memory() -> bool:
-    """Return free heap pages to the OS; True when glibc's `malloc_trim` released any."""
+def release_free_memory(device: Any = "cpu") -> bool:
+    """Return free heap pages to the OS; True when glibc's `malloc_trim` released any.
+
+    `device`: where the phase's tensors lived. CPU-only tuning: on an accelerator the
+    activations were never on the host heap, so nothing is trimmed (and False returned)."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cpu":
+        return False
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedsb.attention import use_fp32_attention_under_cpu_autocast
+from fedsb.precision import Placement
 
 DEFAULT_CAUSAL_LM = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
@@ -86,25 +87,33 @@ def resolve_model_path(name: str | None, kind: str = "causal") -> str:
     return name
 
 
-def load_causal_lm(name: str | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def _device_kwargs(device: torch.device | None) -> dict[str, Any]:
+    """`from_pretrained` keywords that read the weights straight onto `device` (shard by shard,
+    no host copy of the model); none for the CPU, whose load stays as it always was."""
+    return {} if device is None or device.type == "cpu" else {"device_map": {"": device}}
+
+
+def load_causal_lm(name: str | None = None, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a causal LM; the tokenizer pads on the left for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name, "causal")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_device_kwargs(device))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
-def load_classifier(name: str | None = None, *, num_labels: int = 3, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def load_classifier(
+    name: str | None = None, *, num_labels: int = 3, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a sequence classifier with a fresh `num_labels`-way head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name, "encoder")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **_device_kwargs(device))
     return model, tok
 
 
@@ -119,8 +128,8 @@ def own_storage(model: nn.Module) -> None:
     with torch.no_grad():
         for module in model.modules():
             for t in list(module._parameters.values()) + list(module._buffers.values()):
-                if t is None or id(t) in seen or t.dtype != torch.float32:
-                    continue
+                if t is None or id(t) in seen or t.dtype != torch.float32 or t.device.type != "cpu":
+                    continue  # only host tensors can view the mapped file: no clones on a GPU
                 seen.add(id(t))
                 t.data = t.data.clone()
 
@@ -191,18 +200,47 @@ def tiny_classifier(*, vocab_size: int = 100, hidden: int = 32, layers: int = 2,
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-bert")
 
 
-def load_model(name: str | None, kind: str = "causal", *, num_labels: int = 3, seed: int = 0) -> tuple[nn.Module, Any]:
+def load_model(
+    name: str | None, kind: str = "causal", *, num_labels: int = 3, seed: int = 0, placement: Placement | None = None
+) -> tuple[nn.Module, Any]:
     """Entry point for configs: the packaged defaults, hub names, local paths, or a tiny
-    random model ("tiny-llama", "tiny-qwen2", "tiny-bert") with a character tokenizer."""
+    random model ("tiny-llama", "tiny-qwen2", "tiny-bert") with a character tokenizer.
+
+    `placement` (from `fedsb.precision.resolve_placement`; None: the CPU) says where the model
+    goes and in which dtype it is read: on the CPU in fp32 as always (the adapted weights are
+    stored in the frozen dtype after injection), elsewhere straight in the frozen dtype on the
+    device. The fp32-attention switch is CPU-only tuning and stays off elsewhere.
+    """
+    device = None if placement is None or placement.on_cpu else placement.device
+    dtype = torch.float32 if placement is None else placement.load_dtype
     if name in TINY_MODELS:
         tok = char_tokenizer()
         if name == "tiny-bert":
-            return tiny_classifier(vocab_size=len(tok), num_labels=num_labels, seed=seed), tok
-        model = tiny_causal_lm(name.removeprefix("tiny-"), vocab_size=len(tok), seed=seed)
-        model.config.pad_token_id = tok.pad_token_id
-        model.config.eos_token_id = tok.eos_token_id
-        return use_fp32_attention_under_cpu_autocast(model), tok
-    if kind == "classifier":
-        return load_classifier(name, num_labels=num_labels)
-    model, tok = load_causal_lm(name)
-    return use_fp32_attention_under_cpu_autocast(model), tok
+            model = tiny_classifier(vocab_size=len(tok), num_labels=num_labels, seed=seed)
+        else:
+            model = tiny_causal_lm(name.removeprefix("tiny-"), vocab_size=len(tok), seed=seed)
+            model.config.pad_token_id = tok.pad_token_id
+            model.config.eos_token_id = tok.eos_token_id
+        if device is not None:  # built on the CPU so the seeded weights do not depend on the device
+            model = model.to(device=device, dtype=dtype)
+    elif kind == "classifier":
+        model, tok = load_classifier(name, num_labels=num_labels, dtype=dtype, device=device)
+    else:
+        model, tok = load_causal_lm(name, dtype=dtype, device=device)
+    causal = name != "tiny-bert" if name in TINY_MODELS else kind != "classifier"
+    if causal and device is None:
+        model = use_fp32_attention_under_cpu_autocast(model)
+    return model, tok
+
+
+def upcast_trainable_heads(model: nn.Module, head_modules: list[str]) -> None:
+    """Store the fully trained heads' parameters in fp32 (AdamW steps on bf16 weights would be
+    rounded away); a no-op for a model read in fp32 (the CPU path)."""
+    if not head_modules:
+        return
+    from fedsb.adapter.inject import head_parameters
+
+    with torch.no_grad():
+        for p in head_parameters(model, head_modules).values():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()

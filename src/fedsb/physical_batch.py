@@ -97,11 +97,11 @@ def _tokens_with(chunk: list[tuple[int, dict[str, Tensor], float]], length: int,
 def _pack(chunk: list[tuple[int, dict[str, Tensor], float]]) -> PhysicalBatch:
     ids = torch.cat([row["input_ids"] for _, row, _ in chunk])
     labels = torch.cat([row["labels"] for _, row, _ in chunk])
-    positions = torch.cat([torch.arange(length) for length, _, _ in chunk])
-    weights = torch.cat([torch.full((length,), w, dtype=torch.float32) for length, _, w in chunk])
+    positions = torch.cat([torch.arange(length, device="cpu") for length, _, _ in chunk])  # host batch
+    weights = torch.cat([torch.full((length,), w, dtype=torch.float32, device="cpu") for length, _, w in chunk])
     labels[positions == 0] = IGNORE_INDEX  # a row's first token is not predicted from the row before
     batch = {"input_ids": ids[None], "labels": labels[None], "position_ids": positions[None]}
-    return PhysicalBatch(batch, torch.tensor([w for _, _, w in chunk], dtype=torch.float32), weights[None])
+    return PhysicalBatch(batch, torch.tensor([w for _, _, w in chunk], dtype=torch.float32, device="cpu"), weights[None])
 
 
 def _pad(chunk: list[tuple[int, dict[str, Tensor], float]], pad_id: int) -> PhysicalBatch:
@@ -110,8 +110,8 @@ def _pad(chunk: list[tuple[int, dict[str, Tensor], float]], pad_id: int) -> Phys
     batch: dict[str, Tensor] = {}
     for key in chunk[0][1]:
         first = chunk[0][1][key]
-        out = torch.full((len(chunk), width), fill.get(key, 0), dtype=first.dtype)
+        out = torch.full((len(chunk), width), fill.get(key, 0), dtype=first.dtype, device=first.device)
         for i, (length, row, _) in enumerate(chunk):
             out[i, :length] = row[key]
         batch[key] = out
-    return PhysicalBatch(batch, torch.tensor([w for _, _, w in chunk], dtype=torch.float32))
+    return PhysicalBatch(batch, torch.tensor([w for _, _, w in chunk], dtype=torch.float32, device="cpu"))

@@ -50,7 +50,35 @@ def summary_table(summaries: Sequence[dict[str, Any]], title: str = "fedsb resul
 
 
 def print_summary(summaries: Sequence[dict[str, Any]], console: Console | None = None, title: str = "fedsb results") -> None:
-    (console or Console()).print(summary_table(summaries, title))
+    console = console or Console()
+    console.print(summary_table(summaries, title))
+    for s in summaries:
+        for line in heldout_lines(s):
+            console.print(line, markup=False)
+
+
+def heldout_lines(summary: dict[str, Any]) -> list[str]:
+    """Held-out loss / perplexity before -> after, overall and per party, for evaluations that
+    report them (task "sft"); nothing for the others."""
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    if after.get("loss") is None:
+        return []
+
+    def fig(b: dict[str, Any], a: dict[str, Any]) -> str:
+        text = f"loss {_num(b.get('loss'))} -> {_num(a.get('loss'))}, perplexity {_num(b.get('perplexity'))} -> {_num(a.get('perplexity'))}"
+        if a.get("accuracy") is not None:
+            text += f", answers {accuracy_cell(b)} -> {accuracy_cell(a)}"
+        return text + f" (n = {a.get('n')})"
+
+    lines = [f"{summary['strategy']}: held-out {fig(before, after)}"]
+    for name, a in (after.get("per_party") or {}).items():
+        lines.append(f"  {name}: {fig((before.get('per_party') or {}).get(name, {}), a)}")
+    lines += [f"  {name}: not evaluated ({why})" for name, why in (after.get("skipped") or {}).items()]
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:

@@ -2,11 +2,15 @@
 
 - Every file is written atomically: a temporary file in the same folder, fsync, `os.replace`,
   then fsync of the folder; mode 0666 minus the umask (0644 usually), like any file a user writes.
-- One run per folder: `.fedsb.lock` holds the writer's pid, host and start time. A second run
-  stops with a message naming that pid; a lock whose process is gone is stale and is taken over.
+- One run per folder: the writer holds an `flock` on `.fedsb.lock` (the kernel drops it when
+  the process dies, so two takers of a stale lock cannot both win); the file names the writer's
+  pid, host and start time for the message a second run stops with.
 - `open_run` refuses a folder that already holds results unless the run resumes it or was told
   to overwrite it, and removes the folder again when a run it created fails before leaving
-  anything resumable.
+  anything resumable. A folder it creates gets a `.fedsb-run` mark; `--overwrite` deletes only
+  the files fedsb writes (`RUN_FILES`), and only in a marked folder or in one that holds nothing
+  else (a results folder of a version before the mark).
+- A write that fails for want of space or permission is one line naming the file (`WriteError`).
 - The final result (summary.json and adapter/) is published as a pair through a small journal
   (`.pending/` + a COMMIT mark): a kill at any instant leaves the old pair or the new pair once
   `recover` has run, which every `open_run` does first.
@@ -16,6 +20,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -35,10 +41,39 @@ PENDING = ".pending"  # the result being published (adapter/, summary.json, COMM
 OLD = ".old"  # the replaced result, deleted once the new one is in place
 COMMIT = "COMMIT"
 RESULT_FILES = ("adapter", "summary.json")  # published together, only at the end of a run
+MARKER = ".fedsb-run"  # written in every results folder `open_run` creates: fedsb owns its RUN_FILES
+# Everything fedsb writes in a results folder (both engines); `--overwrite` deletes these, nothing else.
+RUN_FILES = frozenset(
+    {"config.toml", "metrics.jsonl", "checkpoint", "eval_before.json", "flower_events.jsonl", "flower-workdir", "samples.md", PENDING, OLD, MARKER, *RESULT_FILES}
+)
+
+
+# Never results, never deleted by open_run: the lock, the mark, and `fedsb.flower.launch`'s
+# working folder (its SuperLink's state and keys, in use while the ServerApp opens the folder).
+NOT_RESULTS = (LOCK_NAME, MARKER, "flower-workdir")
 
 
 class RunDirError(FedsbError):
     """A results folder that cannot be used as asked (taken, not empty, not a run...)."""
+
+
+class WriteError(RunDirError, OSError):
+    """A write refused by the system (disk full, read-only, no permission): one line, not a
+    traceback; still an `OSError` for callers that catch those."""
+
+
+# errno -> what to do about it
+_AGAIN = "free some space and run again (--resume continues a run from its last completed round)"
+_WRITE_HINTS = {errno.ENOSPC: _AGAIN, errno.EDQUOT: _AGAIN, errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out", errno.EPERM: "choose a writable --out"}
+
+
+def write_error(path: str | os.PathLike[str], error: OSError) -> OSError:
+    """The one-line `WriteError` for a refused write of `path` (any other error unchanged)."""
+    if isinstance(error, FedsbError) or error.errno not in _WRITE_HINTS:
+        return error
+    out = WriteError(f"{path}: cannot write ({error.strerror or os.strerror(error.errno)}); {_WRITE_HINTS[error.errno]}")
+    out.errno = error.errno
+    return out
 
 
 # --- atomic files --------------------------------------------------------------------------
@@ -66,8 +101,19 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Let `write(tmp_path)` fill a temporary file next to `path`, then fsync it and move it into
-    place: readers see the old file or the new one, never a half-written one."""
+    place: readers see the old file or the new one, never a half-written one. A full disk or a
+    read-only folder is a `WriteError` naming `path`."""
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as e:
+        err = write_error(path, e)
+        if err is e:
+            raise
+        raise err from None
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -132,66 +178,102 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on a results folder, held for the whole run."""
+    """An exclusive lock on a results folder, held for the whole run.
+
+    The lock is an `flock` on `.fedsb.lock`, which the kernel releases when the holder exits
+    however it exits: a lock file left by a dead run is simply locked again (with a warning naming
+    its pid), and of several processes that find it at once exactly one gets it. The file's
+    content (pid, host, start) only feeds the message of the runs that are refused.
+    """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.held = False
+        self._fd: int | None = None
+        self._pid = os.getpid()
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return holder if isinstance(holder, dict) else None
 
-    def _is_stale(self, holder: dict[str, Any] | None) -> bool:
-        if holder is None:  # a lock being written right now, or a crash between create and write
-            try:
-                return time.time() - self.path.stat().st_mtime > 30
-            except FileNotFoundError:
-                return True
-        if holder.get("host") != socket.gethostname():
-            return False  # another machine: nothing can be known about its process
-        pid = int(holder.get("pid", -1))
-        if pid <= 0 or not pid_alive(pid):
-            return True
-        started = holder.get("proc_start")
-        return started is not None and _process_start(pid) not in (None, started)
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunDirError(f"{self.path} is a symlink; refusing to lock through it (delete it)") from None
+            err = write_error(self.path, e)
+            raise (err if err is not e else RunDirError(f"{self.path}: cannot open the lock file ({e.strerror or e})")) from None
+
+    def _same_file(self, fd: int) -> bool:
+        """Whether `fd` is still the file at `self.path`: a holder that released the lock
+        unlinked it, and a lock on the unlinked file would exclude nobody."""
+        try:
+            now, mine = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
     def acquire(self) -> None:
+        if self.held:
+            return
+        for _ in range(20):
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._holder()
+                who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder else "a process starting up"
+                raise RunDirError(
+                    f"{self.folder} is being written by another fedsb run ({who}); wait for it to finish or use another --out"
+                ) from None
+            except OSError as e:  # ENOLCK: a file system without locks
+                os.close(fd)
+                raise RunDirError(f"{self.path}: cannot lock ({e.strerror or e}); use an --out on a local file system") from None
+            if not self._same_file(fd):
+                os.close(fd)
+                continue
+            self._take(fd)
+            return
+        raise RunDirError(f"{self.path}: could not take the lock (another run keeps taking it)")
+
+    def _take(self, fd: int) -> None:
+        """We hold the lock: say so in the file, warning if it named a dead run."""
+        old = os.read(fd, 4096)
+        if old.strip():
+            try:
+                pid = json.loads(old).get("pid", "?")
+            except (ValueError, AttributeError):
+                pid = "?"
+            warnings.warn(f"{self.path}: stale lock of pid {pid} (not running), taken over", stacklevel=3)
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "proc_start": _process_start(os.getpid()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if not self._is_stale(holder):
-                    who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder else "a process starting up"
-                    raise RunDirError(
-                        f"{self.folder} is being written by another fedsb run ({who}); wait for it to finish or use "
-                        f"another --out (if that run is gone, delete {self.path})"
-                    ) from None
-                warnings.warn(f"{self.path}: stale lock of pid {holder.get('pid') if holder else '?'} (not running), taken over", stacklevel=2)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-            self.held = True
-            return
-        raise RunDirError(f"{self.path}: could not take the lock (another run keeps taking it)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd, self._pid, self.held = fd, os.getpid(), True
 
     def release(self) -> None:
-        if self.held:
-            holder = self._holder()
-            if holder is None or holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if not self.held or self._fd is None:
+            return
+        fd, self._fd, self.held = self._fd, None, False
+        if os.getpid() != self._pid:  # a forked child's copy: the lock is its parent's
+            os.close(fd)
+            return
+        try:
+            if self._same_file(fd):
+                self.path.unlink()  # while still locked: a waiter that opened it sees it is gone
+        except OSError:
+            pass  # a read-only folder: the lock file stays, unlocked, and is taken over next time
+        os.close(fd)
 
     def __enter__(self) -> "RunLock":
         self.acquire()
@@ -260,34 +342,89 @@ def recover(folder: str | os.PathLike[str]) -> str | None:
 
 
 def _contents(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME) if folder.is_dir() else []
+    """What the folder holds besides `NOT_RESULTS`."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in NOT_RESULTS) if folder.is_dir() else []
+
+
+def _owned(name: str) -> bool:
+    """Whether fedsb writes a file of this name in a results folder (an atomic write's
+    temporary file `.NAME.xxxx.tmp` included)."""
+    if name in RUN_FILES:
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and name[1:].split(".tmp")[0].rsplit(".", 1)[0] in RUN_FILES
 
 
 def _resumable(folder: Path) -> bool:
     return (folder / "checkpoint" / "meta.json").exists() or (folder / "summary.json").exists()
 
 
-def _clear(folder: Path) -> None:
-    for name in _contents(folder):
+def failed_start(folder: str | os.PathLike[str]) -> bool:
+    """A run that stopped (kill -9, power cut) before its first round completed: a config.toml
+    and nothing to resume from. `fedsb run --resume` starts it again from the first round."""
+    folder = Path(folder)
+    return (folder / "config.toml").is_file() and not _resumable(folder)
+
+
+def _clear(folder: Path, *, best_effort: bool = False) -> None:
+    """Delete what fedsb wrote in `folder` (`RUN_FILES`), nothing else."""
+    for name in _contents(folder) + [MARKER]:
         p = folder / name
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not _owned(name) or not (p.exists() or p.is_symlink()):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError as e:
+            if not best_effort:
+                err = write_error(p, e)
+                raise (err if err is not e else RunDirError(f"{p}: cannot delete ({e.strerror or e})")) from None
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def _check_overwrite(folder: Path, existing: list[str]) -> None:
+    """`--overwrite` replaces a fedsb results folder: one with the mark, or (written by a
+    version before the mark) one with a config.toml, another file fedsb writes, and nothing else."""
+    foreign = [n for n in existing if not _owned(n)]
+    if (folder / MARKER).is_file():
+        if foreign:
+            warnings.warn(f"{folder}: --overwrite keeps the files fedsb did not write: {_shown(foreign)}", stacklevel=4)
+        return
+    if existing == ["config.toml"]:  # as likely a user's own config as a run killed at its first write
+        raise RunDirError(f"{folder} holds only a config.toml and no fedsb mark ({MARKER}); --overwrite deletes nothing there: choose another --out")
+    if foreign or "config.toml" not in existing:
+        raise RunDirError(
+            f"{folder} holds files fedsb did not write ({_shown(foreign or existing)}); it is not a fedsb results folder, "
+            f"so --overwrite deletes nothing there: choose another --out"
+        )
+
+
+def _mkdir(folder: Path) -> None:
+    if folder.is_symlink() and not folder.exists():
+        raise RunDirError(f"{folder} is a symlink to {os.readlink(folder)}, which does not exist; create the target or choose another --out")
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"{folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = write_error(folder, e)
+        raise (err if err is not e else RunDirError(f"{folder}: cannot create the folder ({e.strerror or e})")) from None
 
 
 @contextmanager
 def open_run(folder: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
     """The results folder of one run, locked for its duration.
 
-    A new run refuses a folder that already holds anything unless `overwrite` (then the old
-    content is deleted first, so old and new results never mix). A failed run that created the
-    folder removes it again unless it left a round to resume from.
+    A new run refuses a folder that already holds anything unless `overwrite` (then the files
+    fedsb wrote there are deleted first, so old and new results never mix). A failed run that
+    created the folder removes it again unless it left a round to resume from.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RunDirError(f"{folder}: exists and is not a folder")
     if resume and not (folder / "config.toml").is_file():
         raise RunDirError(f"{folder}: not a results folder (no config.toml); nothing to resume")
     fresh = not folder.exists() or not _contents(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _mkdir(folder)
     lock = RunLock(folder)
     try:
         lock.acquire()
@@ -301,23 +438,39 @@ def open_run(folder: str | os.PathLike[str], *, resume: bool = False, overwrite:
         existing = _contents(folder)
         if existing and not resume:
             if not overwrite:
-                shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+                if failed_start(folder) and all(_owned(n) for n in existing):
+                    raise RunDirError(
+                        f"{folder} holds a run that stopped before its first round completed ({_shown(existing)}); pass --resume "
+                        f"to start it again with its config, --overwrite to replace it, or choose another --out"
+                    )
                 raise RunDirError(
-                    f"{folder} already holds results ({shown}); pass --resume to continue that run, "
+                    f"{folder} already holds results ({_shown(existing)}); pass --resume to continue that run, "
                     f"--overwrite to replace it, or choose another --out"
                 )
-            if not (folder / "config.toml").is_file():  # --out ~ --overwrite must not empty a home folder
-                raise RunDirError(f"{folder} holds files but is not a fedsb results folder (no config.toml); refusing to delete them")
+            _check_overwrite(folder, existing)
             _clear(folder)
             fresh = True
+        if fresh or all(_owned(n) for n in _contents(folder)):  # a folder of an older version gets it on resume
+            if not (folder / MARKER).exists():
+                atomic_write_text(folder / MARKER, "fedsb results folder: `fedsb run --overwrite` deletes the files fedsb writes here, and only those\n")
         yield folder
         ok = True
     finally:
         if not ok and fresh and not _resumable(folder):
-            _clear(folder)
+            _clear(folder, best_effort=True)
         lock.release()
         if not ok and fresh:
             _remove_if_empty(folder)
+
+
+def restart_failed_start(folder: str | os.PathLike[str]) -> None:
+    """Before `--resume` starts a `failed_start` run again: drop what its first attempt wrote
+    besides its config (a base evaluation, a checkpoint killed before its commit point)."""
+    folder = Path(folder)
+    for name in _contents(folder):
+        p = folder / name
+        if name != "config.toml" and _owned(name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -337,6 +490,7 @@ SAFE_CHANGES: dict[str, str] = {
     "task.eval_batch_size": "evaluation batch size",
     "task.max_new_tokens": "generation length at evaluation",
     "task.eval_options": "per-task evaluation options",
+    "model.device": "where the model runs (checkpoints are read on the host and copied to it)",
 }
 
 

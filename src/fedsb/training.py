@@ -140,7 +140,7 @@ def fused_head_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight:
     """sum over supervised tokens of (cross-entropy x the token's weight), the head and its loss
     fused in token chunks (`fedsb.head_loss`); padded or packed rows alike. token_weight: fp32,
     shaped like input_ids."""
-    from fedsb.head_loss import chunked_head_cross_entropy
+    from fedsb.head_loss import chunked_head_cross_entropy, head_softcap
 
     base = _unwrapped(model)
     shifted = _shifted_labels(batch)
@@ -149,7 +149,7 @@ def fused_head_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight:
     keep = shifted != -100
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = base.model(**inputs, use_cache=False).last_hidden_state  # no KV cache: packed rows stay apart
-    return chunked_head_cross_entropy(hidden[keep], base.get_output_embeddings().weight, shifted[keep], token_weight[keep])
+    return chunked_head_cross_entropy(hidden[keep], base.get_output_embeddings().weight, shifted[keep], token_weight[keep], softcap=head_softcap(base))
 
 
 def physical_batch_loss(model: nn.Module, part: Any, device: torch.device) -> Tensor:
@@ -236,7 +236,7 @@ def train_steps(
         if on_step is not None:
             on_step(group_loss)
     optimizer.zero_grad(set_to_none=True)
-    release_free_memory()
+    release_free_memory(device)
     return StepResult(steps=len(groups), mean_loss=sum(losses) / max(1, len(losses)), tokens=tokens)
 
 

@@ -64,6 +64,11 @@ def inject_adapters(
             raise ValueError(f"module {name!r} already carries an adapter")
         if not isinstance(module, nn.Linear):
             raise TypeError(f"cannot wrap module {name!r} of type {type(module).__name__}: only torch.nn.Linear")
+        d_out, d_in = module.weight.shape
+        if not 0 < rank <= min(d_out, d_in):  # a config value, not a bug: one line naming the layer
+            from fedsb.config import ConfigError
+
+            raise ConfigError(f"adapter.rank: rank {rank} does not fit layer {name} ({d_out}x{d_in}: at most {min(d_out, d_in)})")
         if kind == "lorasb":
             wrapped: AdapterLinear = LoraSBLinear(module, rank, alpha, dropout)
         elif kind == "lora":

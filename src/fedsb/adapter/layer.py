@@ -260,7 +260,7 @@ class LoraLinear(AdapterLinear):
     def reset(self, generator: torch.Generator) -> None:
         """peft's default init (A ~ Kaiming-uniform(a=sqrt(5)), B = 0), from an explicit generator."""
         bound = 1.0 / self.lora_A.shape[1] ** 0.5  # kaiming_uniform with a=sqrt(5) on fan_in
-        a = torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=generator)
+        a = torch.empty(self.lora_A.shape, device=generator.device).uniform_(-bound, bound, generator=generator)
         self.set_factors(torch.zeros_like(self.lora_B), a)
 
     @torch.no_grad()

@@ -154,7 +154,7 @@ class Strategy(ABC):
         """Called once after the adapters exist (e.g. seeded init of LoRA baselines)."""
         from fedsb.adapter.layer import LoraLinear
 
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)  # host draw: the same init on every device
         for layer in adapter_layers(model).values():
             if isinstance(layer, LoraLinear):
                 layer.reset(g)

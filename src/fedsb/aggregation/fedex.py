@@ -76,4 +76,5 @@ class FedExLoRA(Strategy):
 
 
 def _fold(layer: nn.Module, residual: Tensor) -> None:
-    layer.base_layer.weight.add_(residual.to(layer.base_layer.weight.dtype))
+    w = layer.base_layer.weight  # the residual comes from decoded (host) uploads
+    w.add_(residual.to(device=w.device, dtype=w.dtype))

@@ -73,7 +73,7 @@ class FLoRA(Strategy):
 
     def _reset_generator(self, round_index: int) -> torch.Generator:
         """The shared seed of the fresh LoRA init that round `round_index` starts from."""
-        return torch.Generator().manual_seed(self.seed * 7919 + round_index)
+        return torch.Generator(device="cpu").manual_seed(self.seed * 7919 + round_index)  # same init on every device
 
     @torch.no_grad()
     def apply_download(self, model: nn.Module, download: Mapping[str, Tensor], round_index: int, *, fold: bool = True) -> None:
@@ -92,4 +92,5 @@ class FLoRA(Strategy):
 def _merge(layer: nn.Module, a_stack: Tensor, b_stack: Tensor) -> None:
     """W += scaling * B_stack A_stack (B_stack already carries the weights w_i / sum w)."""
     delta = (b_stack.double() @ a_stack.double() * layer.scaling).float()
-    layer.base_layer.weight.add_(delta.to(layer.base_layer.weight.dtype))
+    w = layer.base_layer.weight  # the stacks come from decoded (host) uploads
+    w.add_(delta.to(device=w.device, dtype=w.dtype))

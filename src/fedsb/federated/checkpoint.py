@@ -56,11 +56,11 @@ def save_checkpoint(
     tensors: dict[str, Tensor] = {f"adapter.{k}": v for k, v in adapter_state(model, head_modules).items()}
     if include_base:  # FedEx / FLoRA fold updates into the frozen weights
         for name, layer in adapter_layers(model).items():
-            tensors[f"base.{name}"] = layer.base_layer.weight.detach().clone()
+            tensors[f"base.{name}"] = layer.base_layer.weight.detach().to("cpu", copy=True)  # not a 2nd GPU copy
     for cid, state in optimizer_states.items():
         for pid, pstate in state["state"].items():
             for key, value in pstate.items():
-                tensors[f"opt.{cid}.{pid}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+                tensors[f"opt.{cid}.{pid}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value, device="cpu")
     state_file = f"state-round{round_index}.safetensors"
     blob = safetensors.torch.save({k: v.detach().contiguous() for k, v in tensors.items()})
     atomic_write_bytes(ckpt / state_file, blob)

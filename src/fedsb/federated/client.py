@@ -55,7 +55,7 @@ class ClientData:
 
     def batches(self, *, steps: int, batch_size: int, grad_accum: int, pad_id: int, seed: int) -> list[dict[str, Tensor]]:
         """steps * grad_accum micro-batches, length-bucketed, cycling over seeded epochs."""
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # the data order is host-side
         lengths = [len(it) for it in self.items]
         needed = steps * grad_accum
         order: list[list[int]] = []
@@ -201,7 +201,9 @@ def train_client(
         return lr_at(s, base_lr=t.lr, total_steps=plan.total_steps, warmup_steps=warmup, schedule=t.schedule)
 
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # sampling and dropout seeded per (round, client), globally untouched
+    device = next(model.parameters()).device  # seeding touches the CUDA generator too: restore it
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # sampling and dropout seeded per (round, client), globally untouched
         torch.manual_seed(seed)
         with progress_bar(f"round {round_index + 1} client {client.client_id}{runner.label}", total=plan.steps) as advance:
             result, new_state = runner.run(

@@ -90,9 +90,10 @@ class ExactnessMeter:
     def _probe(self, name: str, layer: AdapterLinear) -> Tensor | None:
         if self.probes <= 0:
             return None
-        if name not in self._v:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + len(self._v))
-            self._v[name] = torch.randn(layer.in_features, self.probes, generator=g, dtype=torch.float64)
+        if name not in self._v:  # drawn on the host so the probes are the same on every device
+            g = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + len(self._v))
+            v = torch.randn(layer.in_features, self.probes, generator=g, dtype=torch.float64, device="cpu")
+            self._v[name] = v.to(layer.lora_A.device)
         return self._v[name]
 
     def _base(self, layer: AdapterLinear, v: Tensor | None) -> Tensor:

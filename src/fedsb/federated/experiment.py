@@ -18,6 +18,7 @@ engines have it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch import Tensor
 from fedsb.adapter.export import atomic_write_bytes, save_adapter
 from fedsb.adapter.inject import trainable_state
 from fedsb.config import ExperimentConfig, dump_config
+from fedsb.errors import FedsbError
 from fedsb.federated import comm
 from fedsb.federated import server as _server  # build/evaluate looked up at call time (tests and the profiler wrap them)
 from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
@@ -114,6 +116,7 @@ def play_round(fed: Federation, transport: Transport, round_index: int, download
         raise RuntimeError(f"round {round_index + 1}: no client update")
     t0 = time.perf_counter()
     next_download = fed.strategy.finish(fed.model, round_index)
+    _check_finite(next_download, round_index)
     errors = meter.finish(fed.model) if meter is not None else {}
     aggregate += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -160,6 +163,8 @@ def base_eval_key(config: ExperimentConfig) -> str:
     import hashlib
 
     parts = {"model": dataclasses.asdict(config.model), "task": dataclasses.asdict(config.task), "seed": config.seed, "precision": config.train.precision, "max_length": config.train.max_length}
+    if config.federation.client_data is not None:  # the parties' eval files are the evaluation set
+        parts["client_data"] = config.federation.client_data
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -271,12 +276,15 @@ class Experiment:
             summary["epsilon"] = summary["privacy"].get("epsilon")
             summary["user_epsilon"] = summary["privacy"].get("user_epsilon")
         summary.update(transport.summary(state.rows))
+        from fedsb.tasks.sft import write_samples  # task "sft": its kept generations, for a person to read
+
+        write_samples(self.out_dir, summary.get("eval_before"), summary.get("eval_after"))
         # summary.json and adapter/ replace the old pair together, only now (see fedsb.rundir)
         publish_result(self.out_dir, summary, lambda d: save_adapter(fed.model, d, fed.head_modules, base_model=config.model.name))
         return summary
 
     def _checkpoint(self, fed: Federation, state: RunState, download: bytes, transport: Transport, sha: str) -> None:
-        atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.rows).encode())
+        atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in state.rows).encode())
         extra = transport.checkpoint_meta(download)
         save_checkpoint(
             self.out_dir,
@@ -298,6 +306,29 @@ class Experiment:
         transport.after_checkpoint(download)
 
 
+class AggregateError(FedsbError):
+    """A round's aggregate is not finite: nothing of it is checkpointed, the run stops."""
+
+
+def _check_finite(download: dict[str, Tensor], round_index: int) -> None:
+    """Refuse an aggregate with NaN or Inf before it is encoded, evaluated or checkpointed:
+    the last checkpoint stays the last good state and a resume starts from it."""
+    bad = [k for k, v in download.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AggregateError(f"round {round_index + 1}: the aggregate has NaN or Inf in {bad[0]!r} ({len(bad)} tensors); not checkpointed: the run stops, and a resume starts from its last checkpoint")
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: metrics.jsonl stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _download_from_meta(fed: Federation, meta: dict[str, Any]) -> dict[str, Tensor]:
     """Rebuild next round's download after a restart. Clients only load the trainable part; the
     rest (FedEx residuals, FLoRA stacks) is already folded into the checkpointed base weights,
@@ -306,5 +337,5 @@ def _download_from_meta(fed: Federation, meta: dict[str, Any]) -> dict[str, Tens
     out: dict[str, Tensor] = {}
     for key, shape in meta["download_shapes"].items():
         value = state.get(key)
-        out[key] = value if value is not None and list(value.shape) == shape else torch.zeros(shape)
+        out[key] = value if value is not None and list(value.shape) == shape else torch.zeros(shape, device="cpu")
     return out

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 def client_init_batches(fed: "Federation", client_index: int, per_client: int) -> list[dict[str, Tensor]]:
     """The first `per_client` examples of a seeded shuffle of the client's own data."""
     client = fed.clients[client_index]
-    g = torch.Generator().manual_seed(fed.config.seed * 31 + client_index)
-    order = torch.randperm(client.num_examples, generator=g)[:per_client].tolist()
+    g = torch.Generator(device="cpu").manual_seed(fed.config.seed * 31 + client_index)
+    order = torch.randperm(client.num_examples, generator=g, device="cpu")[:per_client].tolist()
     items = [client.items[i] for i in order]
     bs = fed.config.init.batch_size
     pad = fed.tokenizer.pad_token_id

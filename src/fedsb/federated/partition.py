@@ -1,4 +1,7 @@
-"""Split a data set across clients: IID, contiguous shards (the paper's split), Dirichlet non-IID."""
+"""Split a data set across clients: IID, contiguous shards (the paper's split), Dirichlet non-IID.
+
+Parties with their own files (`federation.client_data`) are not split: `fedsb.federated.parties`.
+"""
 
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ from fedsb.federated.partition import partition_indices
 from fedsb.init import init_central, init_random, layer_groups
 from fedsb.init.one_time import init_svd, share_factors
 from fedsb.init.svd import effective_lr
-from fedsb.models import load_model
-from fedsb.precision import frozen_dtype, resolve_precision
+from fedsb.models import load_model, upcast_trainable_heads
+from fedsb.precision import resolve_placement
 from fedsb.progress import progress_bar
 from fedsb.tasks import get_task
 from fedsb.tasks.base import PairExample
@@ -53,6 +53,8 @@ class Federation:
     precision: str
     steps_per_round: dict[int, int] = field(default_factory=dict)
     privacy: Any = None  # fedsb.privacy.state.PrivacyState when privacy.enabled or privacy.user_level
+    # federation.client_data: (party name, its eval examples) per client, evaluated party by party
+    party_eval: list[tuple[str, list[Any]]] = field(default_factory=list)
 
     @property
     def head_modules(self) -> list[str]:
@@ -83,23 +85,32 @@ class Federation:
 
 def build_federation(config: ExperimentConfig) -> Federation:
     cfg = config
-    model, tokenizer = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed)
+    strategy_cls = get_strategy(cfg.federation.strategy)
+    placement = resolve_placement(cfg.model.device, cfg.train.precision, cfg.model.frozen_dtype, folds_into_base=strategy_cls.modifies_base)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed, placement=placement)
     task = get_task(cfg.task.name, **cfg.task.options)
     template = cfg.task.template or getattr(task, "template", None) or getattr(task, "default_template", "alpaca")
-    train = task.train_examples(limit=cfg.task.train_limit or None, seed=cfg.seed)
-    eval_examples = load_eval_sets(cfg, task) if cfg.task.eval_mode != "none" else []
-    classification = bool(train) and isinstance(train[0], PairExample)
-    items = tokenize_all(train, tokenizer, template, cfg.train.max_length)
-    parts = partition_indices(
-        len(items),
-        cfg.federation.num_clients,
-        cfg.federation.partition,
-        seed=cfg.seed,
-        keys=[it.key for it in items],
-        alpha=cfg.federation.dirichlet_alpha,
-    )
-    clients = [ClientData(cid, [items[i] for i in idx], classification) for cid, idx in enumerate(parts)]
-    strategy_cls = get_strategy(cfg.federation.strategy)
+    party_eval: list[tuple[str, list[Any]]] = []
+    if cfg.federation.client_data is not None:  # each party's own files, read one party at a time
+        from fedsb.federated.parties import party_clients
+
+        clients, party_eval = party_clients(cfg, task, tokenizer, template)
+        classification = False
+        eval_examples = [(task, [ex for _, exs in party_eval for ex in exs])] if cfg.task.eval_mode != "none" else []
+    else:
+        train = task.train_examples(limit=cfg.task.train_limit or None, seed=cfg.seed)
+        eval_examples = load_eval_sets(cfg, task) if cfg.task.eval_mode != "none" else []
+        classification = bool(train) and isinstance(train[0], PairExample)
+        items = tokenize_all(train, tokenizer, template, cfg.train.max_length)
+        parts = partition_indices(
+            len(items),
+            cfg.federation.num_clients,
+            cfg.federation.partition,
+            seed=cfg.seed,
+            keys=[it.key for it in items],
+            alpha=cfg.federation.dirichlet_alpha,
+        )
+        clients = [ClientData(cid, [items[i] for i in idx], classification) for cid, idx in enumerate(parts)]
     strategy = strategy_cls(weighted=cfg.federation.weighted, head_modules=cfg.adapter.head_modules, seed=cfg.seed)
     if cfg.privacy.user_level:  # DP-FedAvg: clip + noise around the strategy's mean
         from fedsb.privacy.user_level import wrap_user_level
@@ -116,8 +127,9 @@ def build_federation(config: ExperimentConfig) -> Federation:
     )
     strategy.prepare(model)
     mark_trainable(model, cfg.adapter.head_modules)
-    precision = resolve_precision(cfg.train.precision, next(model.parameters()).device)
-    store_frozen(model, frozen_dtype(cfg.model.frozen_dtype, precision, folds_into_base=strategy_cls.modifies_base))
+    precision = placement.precision
+    store_frozen(model, placement.frozen_dtype)
+    upcast_trainable_heads(model, cfg.adapter.head_modules)
     t = cfg.train
     fed = Federation(
         config=cfg,
@@ -130,6 +142,7 @@ def build_federation(config: ExperimentConfig) -> Federation:
         strategy=strategy,
         classification=classification,
         precision=precision,
+        party_eval=party_eval,
     )
     fed.steps_per_round = {c.client_id: c.steps_per_round(t.batch_size, t.grad_accum, t.local_epochs, t.local_steps) for c in clients}
     if cfg.privacy.enabled or cfg.privacy.user_level:  # per-client noise calibrated for the whole run
@@ -264,7 +277,8 @@ def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, A
     cfg = fed.config.task
     custom = getattr(task, "evaluate_model", None)
     if custom is not None:
-        result = custom(fed.model, fed.tokenizer, examples, batch_size=cfg.eval_batch_size, precision=fed.precision)
+        run = {"template": fed.template, "max_new_tokens": cfg.max_new_tokens, "max_length": fed.config.train.max_length} if getattr(task, "takes_run_settings", False) else {}
+        result = custom(fed.model, fed.tokenizer, examples, batch_size=cfg.eval_batch_size, precision=fed.precision, **run)
     else:
         from fedsb.evaluation import evaluate, task_template
 
@@ -286,6 +300,11 @@ def evaluate_federation(fed: Federation) -> dict[str, Any]:
     """The headline accuracy (mean over evaluation tasks) and the per-task results."""
     if fed.config.task.eval_mode == "none" or not fed.eval_examples:
         return {}
+    if fed.party_eval:  # federation.client_data: each party on its own eval file, then the global figures
+        from fedsb.federated.parties import combine_evals
+
+        per_party = {name: evaluate_one(fed, fed.task, exs) for name, exs in fed.party_eval if exs}
+        return combine_evals(per_party, skipped=[name for name, exs in fed.party_eval if not exs])
     results = {task.name: evaluate_one(fed, task, examples) for task, examples in fed.eval_examples}
     if len(results) == 1:
         return next(iter(results.values()))

@@ -24,7 +24,7 @@ from torch import Tensor
 from fedsb.federated import comm
 from fedsb.federated.comm import PayloadError
 
-__all__ = ["PayloadError", "validate_update", "update_norm", "check_norm", "expected_upload_bytes", "clip_to_norm"]
+__all__ = ["PayloadError", "adamw_bound", "adamw_step_ratio", "validate_update", "update_norm", "check_norm", "expected_upload_bytes", "clip_to_norm"]
 
 _ST_OF_WIRE = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 
@@ -82,6 +82,30 @@ def check_norm(
         raise PayloadError(
             f"update norm {norm:.4g} is more than {outlier_factor:g}x the median {median:.4g} of the other clients"
         )
+
+
+def adamw_step_ratio(betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """The most an AdamW step can move one entry, in units of the learning rate, over any
+    gradient history: |m_t| / sqrt(v_t) <= (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2)) by
+    Cauchy-Schwarz on the two moving averages (7.27 for the default betas; bias correction only
+    lowers it, and eps only shrinks the step). Honest steps measure 0.5-0.9 (docs/flower.md)."""
+    b1, b2 = betas
+    return (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
+
+
+_WIRE_REL = {"fp32": 2.0**-23, "bf16": 2.0**-8, "fp16": 2.0**-10}  # rounding of one entry, relative
+
+
+def adamw_bound(*, lr: float, steps: int, numel: int, start_norm: float, weight_decay: float = 0.0, wire_dtype: str = "fp32", factor: float = 1.0) -> float:
+    """The largest L2 norm an honest client's update (upload minus the state it started from)
+    can have after `steps` AdamW steps at a peak learning rate `lr`: every entry moves at most
+    `adamw_step_ratio()` x lr per step, plus the decoupled weight decay (lr x wd x |theta|) and
+    the rounding of the wire dtype. Needs no other reply: the server knows all of it from the
+    config and the count it fixed. `factor` scales it (the run-config's `update-bound`)."""
+    drift = adamw_step_ratio() * lr * steps * math.sqrt(numel)
+    decay = lr * steps * weight_decay * (start_norm + drift) * (1 + lr * weight_decay) ** steps
+    moved = drift + decay
+    return factor * (moved * 1.001 + _WIRE_REL.get(wire_dtype, 2.0**-8) * (start_norm + moved) + 1e-6 * math.sqrt(numel))
 
 
 def _check_dtypes(payload: bytes, expected_dtype: str, max_header: int) -> None:

@@ -4,13 +4,14 @@
 needs both: wait for every reply up to `timeout`, then go on with what arrived. `exchange`
 does that with a short poll, and `CountingGrid` records the size Flower itself ships for every
 message (records, array chunks, headers), so reports can set it beside the fedsb payload.
+Its `reply_filter` lets SecAgg+ screen a node's masked vector before Flower's workflow adds it.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -28,6 +29,9 @@ class CountingGrid(Grid):
         self._inner = inner
         self.sent: dict[int, int] = defaultdict(int)
         self.received: dict[int, int] = defaultdict(int)
+        # (destination node id, reply) -> keep it? Applied by `send_and_receive` (the path Flower's
+        # SecAgg+ workflow uses) to replies without an error; None keeps every reply.
+        self.reply_filter: Callable[[int, Message], bool] | None = None
 
     def reset(self) -> None:
         self.sent.clear()
@@ -60,7 +64,9 @@ class CountingGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [reply for _, reply in exchange(self, list(messages), timeout=timeout).replies]
+        keep = self.reply_filter
+        replies = exchange(self, list(messages), timeout=timeout).replies
+        return [reply for dst, reply in replies if keep is None or reply.has_error() or keep(dst, reply)]
 
 
 @dataclass

@@ -138,12 +138,17 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(10**6)
     state, metrics, node = task.train_partition(fed, pid, round_index, global_state, task.node_cache(context.node_config), str(cfg["config-sha256"]))
     wire = fed.config.federation.wire_dtype
-    payload = task.faulty_payload(fault, state, wire) if fault else comm.encode(state, wire)
+    lie = fault if fault in task.FIELD_FAULTS else None
+    payload = task.faulty_payload(fault, state, wire) if fault and not lie else comm.encode(state, wire)
+    node_fields = {"partition-id": pid, "base-id": base_id, **node}
+    if lie:  # a node lying in its fields (tests): the same lies as under SecAgg+
+        metrics = task.lying_metrics(lie, {**metrics, "partition-id": pid})
+        node_fields["partition-id"] = metrics.pop("partition-id")
     content = RecordDict(
         {
             UPDATE_RECORD: codec.payload_record(payload),
             METRICS_RECORD: MetricRecord(metrics),
-            NODE_RECORD: ConfigRecord({"partition-id": pid, "base-id": base_id, **node}),
+            NODE_RECORD: ConfigRecord(node_fields),
         }
     )
     return Message(content, reply_to=msg)
@@ -162,12 +167,17 @@ def _train_secagg(msg: Message, context: Context) -> Message:
         raise ValueError("the server's tensor names do not match this node's adapter")
     global_state = codec.ndarrays_to_state(parameters_to_ndarrays(fitins.parameters), names, shapes)
     state, metrics, _ = task.train_partition(fed, pid, round_index, global_state, task.node_cache(context.node_config), str(cfg["config-sha256"]))
-    weight = fed.strategy.client_weight(fed.clients[pid].num_examples)
+    # the weight the server fixed for this partition (docs/flower.md "Example counts and weights")
+    weight = cfg["weight"] if "weight" in cfg else fed.strategy.client_weight(fed.clients[pid].num_examples)
+    fields = {"num-examples": int(weight), "loss": metrics["loss"], "steps": metrics["steps"], "tokens": metrics["tokens"], "seconds": metrics["seconds"], "partition-id": pid}
+    lie = task.fault_for(str(context.run_config.get("fault-injection", "")), pid, round_index)
+    if lie in task.FIELD_FAULTS:  # a node lying in its fields (tests)
+        fields = task.lying_metrics(lie, fields)
     fitres = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(codec.state_to_ndarrays(state, names)),
-        num_examples=int(weight),  # SecAgg+ multiplies R by this weight before masking
-        metrics={"loss": metrics["loss"], "steps": metrics["steps"], "tokens": metrics["tokens"], "seconds": metrics["seconds"], "partition-id": pid},
+        num_examples=int(fields.pop("num-examples")),  # SecAgg+ multiplies R by this weight before masking
+        metrics=fields,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

@@ -12,8 +12,15 @@ The worker:
 - is started by the first ClientApp process of a SuperNode that finds none, in its own
   session, and exits when that SuperNode process is gone (or after `IDLE_SECONDS` unused);
 - listens on a Unix socket in a private (0700) folder, authenticated with a random key file
-  (0600) by `multiprocessing.connection`'s HMAC challenge; frames are Flower's protobufs
-  (`send_bytes`), never pickles;
+  (0600, made anew each time) by `multiprocessing.connection`'s HMAC challenge; frames are
+  Flower's protobufs (`send_bytes`), never pickles. The folder lives under a private parent
+  (`$XDG_RUNTIME_DIR`, else `<node cache>/workers`, else `/tmp/fedsb-<uid>`), each level
+  created 0700 and checked with `lstat`: a symlink or a folder of another user is refused (the
+  message is then handled in the ClientApp process);
+- gives a peer `RECV_TIMEOUT` seconds per read, so one that connects and sends nothing cannot
+  block it; a frame it cannot decode is logged and dropped, and the worker serves on. Its log
+  (`worker.log` in its folder, named by every error the ClientApp reports) is kept whenever it
+  holds a traceback;
 - handles one message at a time. A ClientApp that finds the worker busy (another run's
   message, or a hung one) runs the handlers in its own process, as without a worker.
 
@@ -29,6 +36,9 @@ import hashlib
 import json
 import os
 import secrets
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +58,10 @@ from fedsb.flower.protocol import METRICS_RECORD, NODE_MESSAGE_METRIC, NODE_STAR
 IDLE_SECONDS = 1800.0  # a worker nobody used for this long exits (its SuperNode may live on)
 SPAWN_TIMEOUT = 300.0  # seconds to wait for a new worker's socket (imports, on a loaded machine)
 PARENT_POLL = 0.5
+# Seconds a peer may leave the worker waiting on one read (handshake or frame); the worker
+# reads the value when it starts (FEDSB_NODE_RECV_TIMEOUT).
+RECV_TIMEOUT = float(os.environ.get("FEDSB_NODE_RECV_TIMEOUT", "60"))
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are at most 107 bytes
 
 
 def process_age() -> float | None:
@@ -87,9 +101,11 @@ class WorkerPaths:
 
     @classmethod
     def for_node(cls, context: Context, supernode_pid: int) -> WorkerPaths:
-        ident = json.dumps([str(context.node_config.get("cache-dir", "")), str(context.node_config.get("partition-id", "")), supernode_pid, sys.executable])
-        name = hashlib.sha256(ident.encode()).hexdigest()[:20]
-        return cls(Path(tempfile.gettempdir()) / f"fedsb-node-{os.getuid()}-{name}")  # short: AF_UNIX paths are <= 107 bytes
+        """The node's folder under `private_parent` (created); WorkerBusy if there is none."""
+        cache = str(context.node_config.get("cache-dir", "") or os.environ.get("FEDSB_FLOWER_CACHE", ""))
+        ident = json.dumps([cache, str(context.node_config.get("partition-id", "")), supernode_pid, sys.executable])
+        name = f"fedsb-node-{hashlib.sha256(ident.encode()).hexdigest()[:20]}"
+        return cls(private_parent(cache, len(name) + len("/sock")) / name)
 
     @property
     def socket(self) -> Path:
@@ -117,7 +133,51 @@ class WorkerPaths:
 
 
 class WorkerBusy(RuntimeError):
-    """The worker is serving another message: handle this one in the calling process."""
+    """The worker is serving another message (or has no safe folder): handle this one in the
+    calling process."""
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can enter: created 0700 if missing, and checked with
+    `lstat` (never through a symlink) to be a folder of ours that nobody else can write or read."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise WorkerBusy(f"{path}: cannot create ({e.strerror or e})") from None
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise WorkerBusy(f"{path} is a symlink; refusing to use it for the node worker")
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise WorkerBusy(f"{path} is not a private folder of this user (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)})")
+    return path
+
+
+def private_parent(cache: str, tail: int) -> Path:
+    """Where node workers' folders go: the first private place whose socket paths stay short
+    enough (`tail` bytes below it): `$XDG_RUNTIME_DIR` (made private by the login manager), a
+    0700 `workers` folder in the node's cache, a 0700 `fedsb-<uid>` folder in the temp dir."""
+    candidates: list[tuple[Path, bool]] = []  # (folder, create it)
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg):
+        candidates.append((Path(xdg), False))
+    if cache:
+        candidates.append((Path(cache).expanduser().absolute() / "workers", True))
+    candidates.append((Path(tempfile.gettempdir()) / f"fedsb-{os.getuid()}", True))
+    reasons = []
+    for folder, create in candidates:
+        if len(str(folder)) + 1 + tail > MAX_SOCKET_PATH:
+            continue
+        try:
+            if create:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                continue
+            return private_dir(folder)
+        except (WorkerBusy, OSError) as e:
+            reasons.append(str(e))
+    raise WorkerBusy("no private folder for the node worker: " + ("; ".join(reasons) or "paths too long"))
 
 
 @contextmanager
@@ -179,10 +239,7 @@ def _via_worker(kind: str, msg: Message, context: Context) -> Message:
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     paths = WorkerPaths.for_node(context, os.getppid())
-    paths.folder.mkdir(mode=0o700, exist_ok=True)
-    info = paths.folder.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:  # not ours alone (a shared /tmp): do without
-        raise WorkerBusy(f"{paths.folder} is not a private folder of this user")
+    private_dir(paths.folder)  # a symlink or someone else's folder: do without the worker
     with _try_lock(paths.client_lock):
         if _is_locked(paths.busy_lock):  # a worker still busy with a message its ClientApp gave up on
             raise WorkerBusy("worker busy")
@@ -193,8 +250,8 @@ def _via_worker(kind: str, msg: Message, context: Context) -> Message:
             try:
                 head = json.loads(conn.recv_bytes())
                 body = conn.recv_bytes()
-            except EOFError:
-                raise RuntimeError(f"the node worker died while handling {kind!r}; see {paths.log}") from None
+            except (EOFError, OSError):
+                raise RuntimeError(f"the node worker dropped the message {kind!r} (died, or could not read it); see {paths.log}") from None
     if head["status"] == "error":
         return Message(Error(code=int(head.get("code", 0)), reason=str(head["reason"])), reply_to=msg)
     if head["status"] == "raised":
@@ -209,10 +266,7 @@ def _connect(paths: WorkerPaths) -> Connection:
             return Client(str(paths.socket), family="AF_UNIX", authkey=paths.key.read_bytes())
         except (OSError, EOFError):
             paths.socket.unlink(missing_ok=True)  # a dead worker's socket
-    key = secrets.token_bytes(32)
-    fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    key = write_key(paths.key)
     with open(paths.log, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedsb.flower.node_worker", str(paths.folder), str(os.getppid())],
@@ -235,7 +289,28 @@ def _connect(paths: WorkerPaths) -> Connection:
     raise RuntimeError(f"the node worker did not start within {SPAWN_TIMEOUT:.0f} s; see {paths.log}")
 
 
+def write_key(path: Path) -> bytes:
+    """A new random key in a new 0600 file: an existing file (whatever its mode) is replaced,
+    not truncated, since O_TRUNC would keep its old mode."""
+    key = secrets.token_bytes(32)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(key)
+    return key
+
+
 # --- the worker process ----------------------------------------------------------------------
+
+
+def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose every read or write gives up after `seconds` (EAGAIN, an OSError),
+    so a silent or stalled peer is dropped instead of blocking the worker."""
+    sock.settimeout(None)
+    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _answer(conn: Connection, handle: Any) -> tuple[bytes, bytes, Any]:
@@ -287,7 +362,6 @@ def _watch_supernode(supernode_pid: int, paths: WorkerPaths) -> None:
 
 def serve(folder: Path, supernode_pid: int) -> None:
     """Answer forwarded messages until the SuperNode is gone or nobody called for IDLE_SECONDS."""
-    import socket
     import threading
     from multiprocessing.connection import answer_challenge, deliver_challenge
 
@@ -311,7 +385,7 @@ def serve(folder: Path, supernode_pid: int) -> None:
                 sock, _ = server.accept()
             except (TimeoutError, OSError):
                 continue
-            sock.settimeout(None)
+            _set_timeouts(sock, RECV_TIMEOUT)
             conn = Connection(sock.detach())
             try:
                 deliver_challenge(conn, key)  # the caller proves it holds the node's key ...
@@ -326,8 +400,12 @@ def serve(folder: Path, supernode_pid: int) -> None:
                 fcntl.flock(busy_fd, fcntl.LOCK_UN)
                 conn.send_bytes(head)
                 conn.send_bytes(body)
-            except (EOFError, OSError):  # the ClientApp process went away: nobody to answer
+            except (EOFError, OSError):  # the ClientApp process went away (or stalled): nobody to answer
                 pass
+            except Exception:  # noqa: BLE001  # a frame a ClientApp does not send: logged, dropped; serve on
+                print(f"dropped a message that could not be decoded ({time.strftime('%Y-%m-%d %H:%M:%S')}):", flush=True)
+                traceback.print_exc()
+                sys.stdout.flush()
             finally:
                 fcntl.flock(busy_fd, fcntl.LOCK_UN)
                 conn.close()
@@ -337,6 +415,10 @@ def serve(folder: Path, supernode_pid: int) -> None:
                 except Exception:  # noqa: BLE001  # the next message will meet the same error, and report it
                     traceback.print_exc()
             last = time.monotonic()
+    except Exception:  # a bug: its traceback goes to the log first, so the log is kept
+        traceback.print_exc()
+        sys.stdout.flush()
+        raise SystemExit(1) from None
     finally:
         server.close()
         _clean_up(paths)

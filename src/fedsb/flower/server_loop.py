@@ -9,7 +9,15 @@ What the network adds is handled here:
   and, once, the frozen B, A;
 - a deadline per round (`round-timeout`) and a quorum (`min-replies`): late, crashed and
   disconnected clients are logged as missing, the round goes on with the others;
-- every upload is screened by `fedsb.federated.validation` before it reaches the strategy;
+- every field a node sends is screened before use (`fedsb.flower.screening.screen_reply`:
+  identity, example counts, metrics) and every upload by `fedsb.federated.validation`, with an
+  update bound that needs no other reply (`validation.adamw_bound`); a node that fails is
+  dropped for the round and logged, never a crash;
+- example counts and weights are fixed by the server before round 1, in both modes (under
+  SecAgg+ each node is told its weight and the unmasked total weight is checked);
+- the results folder is opened as the in-process engine opens it (`fedsb.rundir.open_run`:
+  the lock, the refusal of a folder holding results, the clean-up of a run that fails before
+  its first round);
 - the checkpoint (written by the driver) gets the server's RNG state and the base chain;
   `resume = true` continues from it and ends with the same result as an uninterrupted run;
 - FedEx/FLoRA change the base weights every round: each message names the base a node must
@@ -23,6 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import replace
@@ -44,8 +53,9 @@ from fedsb.federated.checkpoint import has_checkpoint
 from fedsb.federated.client import ClientState, ClientUpdate
 from fedsb.federated.experiment import Experiment, RoundExchange, RunContext
 from fedsb.federated.server import Federation
-from fedsb.federated.validation import PayloadError, check_norm, clip_to_norm, expected_upload_bytes, update_norm, validate_update
-from fedsb.flower import codec, task
+from fedsb.errors import FedsbError
+from fedsb.federated.validation import PayloadError, adamw_bound, check_norm, clip_to_norm, expected_upload_bytes, update_norm, validate_update
+from fedsb.flower import codec, screening, task
 from fedsb.flower.messaging import CountingGrid, exchange
 from fedsb.flower.protocol import (
     BASE_RECORD,
@@ -56,9 +66,7 @@ from fedsb.flower.protocol import (
     INIT_RECORD,
     METRICS_RECORD,
     MISSING_SETUP,
-    NODE_MESSAGE_METRIC,
     NODE_RECORD,
-    NODE_STARTUP_METRIC,
     SETUP_MESSAGE_TYPE,
     SETUP_RECORD,
     UPDATE_RECORD,
@@ -66,8 +74,29 @@ from fedsb.flower.protocol import (
 
 log = logging.getLogger("fedsb.flower")
 
-class RoundFailed(RuntimeError):
-    """Fewer accepted updates than `min-replies`: the run stops at the last checkpoint."""
+_INIT_MAX_BYTES = 1 << 30  # a federated-init reply (sketches of the adapted layers): refused above 1 GiB
+
+
+class RoundFailed(FedsbError, RuntimeError):
+    """A round that cannot be aggregated (fewer accepted updates than `min-replies`, a secure
+    aggregate that fails its checks): the run stops at the last checkpoint, which stays good."""
+
+
+def _fields(reply: Message, *records: str) -> dict[str, Any]:
+    """A reply's metric and config record entries (the named records) and its sender, as the
+    plain dict `screening.screen_reply` reads."""
+    out: dict[str, Any] = {}
+    for name in records:
+        for group in (reply.content.metric_records, reply.content.config_records):
+            if name in group:
+                out.update(dict(group[name]))
+    out["src-node"] = reply.metadata.src_node_id
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1][:300] if text else ''}"
 
 
 def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
@@ -157,6 +186,7 @@ class FlowerTransport:
         self.catchup_bytes = 0  # this round's catch-up bytes (metrics)
         self._catchup: tuple[str, bytes, str] | None = None  # (base id, payload, sha256)
         self.fed: Federation | None = None
+        self.reported: dict[int, int] = {}  # example counts nodes sent in their setup replies (screened)
 
     # --- logging -------------------------------------------------------------------------
 
@@ -167,6 +197,38 @@ class FlowerTransport:
         log.warning("%s %s", kind, json.dumps(fields, default=str))
         with open(self.out_dir / "flower_events.jsonl", "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
+
+    # --- what the server fixes before reading replies -------------------------------------
+
+    def counts(self) -> dict[int, int]:
+        """Each partition's example count (`screening.fixed_counts`): the server's own today."""
+        own = {c.client_id: c.num_examples for c in self.fed.clients} if self.fed is not None else None
+        return screening.fixed_counts(own, self.reported)
+
+    def weights(self, fed: Federation) -> dict[int, int]:
+        """Each partition's aggregation weight, from the fixed counts (integers: SecAgg+ ships them)."""
+        return {pid: int(fed.strategy.client_weight(n)) for pid, n in self.counts().items()}
+
+    def _expected(self, fed: Federation | None, pid: int | None, node: int | None) -> screening.Expected:
+        counts = self.counts() if pid is not None else {}
+        steps = fed.steps_per_round.get(pid) if fed is not None and pid is not None else None
+        weight = int(fed.strategy.client_weight(counts[pid])) if fed is not None and pid in counts else None
+        return screening.Expected(partitions=self.config.federation.num_clients, node=node, partition=pid, num_examples=counts.get(pid) if pid is not None else None, weight=weight, max_steps=steps)
+
+    def update_bound(self, fed: Federation, pid: int, base: dict[str, Tensor]) -> float | None:
+        """The largest update partition `pid` can send honestly (`validation.adamw_bound`); None: off."""
+        if self.settings.update_bound <= 0:
+            return None
+        t = self.config.train
+        return adamw_bound(
+            lr=t.lr,
+            steps=fed.steps_per_round[pid],
+            numel=sum(v.numel() for v in base.values()),
+            start_norm=update_norm(base),
+            weight_decay=t.weight_decay,
+            wire_dtype=self.config.federation.wire_dtype,
+            factor=self.settings.update_bound,
+        )
 
     # --- discovery and setup -------------------------------------------------------------
 
@@ -201,11 +263,18 @@ class FlowerTransport:
             if reply.has_error():
                 self._event("setup-failed", node=nid, reason=reply.error.reason)
                 continue
-            info = reply.content.config_records[NODE_RECORD]
-            pid = int(info["partition-id"])
-            if not 0 <= pid < self.config.federation.num_clients:
-                self._event("bad-partition", node=nid, partition=pid)
+            try:
+                info = screening.screen_reply("setup", _fields(reply, NODE_RECORD), self._expected(self.fed, None, nid))
+            except Exception as e:  # screening refuses with a reason; anything else is one too
+                self._event("bad-setup", node=nid, reason=str(e) if isinstance(e, PayloadError) else _one_line(e))
                 continue
+            pid = int(info.partition)  # type: ignore[arg-type]  (required field)
+            if info.num_examples is not None:
+                own = self.counts().get(pid) if self.fed is not None else None
+                if own is not None and info.num_examples != own:
+                    self._event("bad-setup", node=nid, partition=pid, reason=f"claims {info.num_examples} examples, the server holds {own}")
+                    continue
+                self.reported[pid] = info.num_examples
             if pid in self.node_of and self.node_of[pid] != nid:
                 self._event("duplicate-partition", node=nid, partition=pid, kept=self.node_of[pid])
                 continue
@@ -213,7 +282,7 @@ class FlowerTransport:
                 self.holds.pop(pid, None)  # it lost its cache: no folded base either
             self.node_of[pid] = nid
             self.needs_setup.discard(pid)
-            if self.frozen is not None and not bool(info["has-frozen"]):
+            if self.frozen is not None and not info.has_frozen:
                 lacking.append(nid)
         for nid in ex.unanswered:
             self._event("setup-timeout", node=nid)
@@ -253,34 +322,38 @@ class FlowerTransport:
             self.base_prev, self.base_round = self.base_id, round_index
             self.base_id = task.next_base_id(self.base_prev, download, round_index)
 
-    def _note_base(self, pid: int, reply: Message) -> str:
-        """Record which base a node answered from; return it ("" if it named none)."""
-        if not self.folds:
-            return ""
-        got = str(reply.content.config_records[NODE_RECORD].get("base-id", "")) if NODE_RECORD in reply.content.config_records else ""
-        if got == self.base_id:
+    def _note_base(self, pid: int, got: str) -> str:
+        """Record which base a node answered from (its screened `base-id`); return it."""
+        if self.folds and got == self.base_id:
             self.holds[pid] = got
         return got
 
-    def _screen(self, fed: Federation, replies: dict[int, Message], shapes: dict[str, tuple[int, ...]], base: dict[str, Tensor], round_index: int) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, float]], dict[int, str], dict[int, int]]:
-        """Parse and check every reply; return accepted updates, their metrics, rejections, sizes."""
+    def _screen(self, fed: Federation, replies: dict[int, Message], shapes: dict[str, tuple[int, ...]], base: dict[str, Tensor], round_index: int) -> tuple[dict[int, dict[str, Tensor]], dict[int, screening.Reply], dict[int, str], dict[int, int]]:
+        """Screen every reply (fields, then payload, then the update bound, then the outlier
+        rule); return accepted updates, their screened fields, rejections, sizes."""
         wire = self.config.federation.wire_dtype
         max_bytes = expected_upload_bytes(shapes, wire)
         parsed: dict[int, dict[str, Tensor]] = {}
-        metrics: dict[int, dict[str, float]] = {}
+        infos: dict[int, screening.Reply] = {}
         rejected: dict[int, str] = {}
         sizes: dict[int, int] = {}
         for pid, reply in sorted(replies.items()):
             try:
-                if self.folds and (got := self._note_base(pid, reply)) != self.base_id:
+                info = screening.screen_reply("train", _fields(reply, METRICS_RECORD, NODE_RECORD), self._expected(fed, pid, self.node_of.get(pid)))
+                if self.folds and (got := self._note_base(pid, info.base_id)) != self.base_id:
                     raise PayloadError(f"trained on base {got[:12] or '(none)'}, the round's base is {self.base_id[:12]}")
                 record = reply.content.array_records.get(UPDATE_RECORD)
                 payload = codec.payload_from_record(record, max_bytes=max_bytes)
                 sizes[pid] = len(payload)
-                parsed[pid] = validate_update(payload, shapes, max_bytes, expected_dtype=wire, base=base)
-                metrics[pid] = dict(reply.content.metric_records[METRICS_RECORD])
-            except (PayloadError, KeyError) as e:
+                tensors = validate_update(payload, shapes, max_bytes, expected_dtype=wire, base=base)
+                bound = self.update_bound(fed, pid, base)
+                if bound is not None and (norm := update_norm(tensors, base)) > bound:
+                    raise PayloadError(f"update norm {norm:.4g} exceeds {bound:.4g}, the most {fed.steps_per_round[pid]} AdamW steps at lr {self.config.train.lr:g} can move (update-bound)")
+                parsed[pid], infos[pid] = tensors, info
+            except PayloadError as e:
                 rejected[pid] = str(e)
+            except Exception as e:  # a reply the checks did not foresee: a rejection, never a crash
+                rejected[pid] = f"rejected: {_one_line(e)}"
         norms = {pid: update_norm(t, base) for pid, t in parsed.items()}
         for pid in list(parsed):
             others = [n for q, n in norms.items() if q != pid]
@@ -293,7 +366,7 @@ class FlowerTransport:
             accepted = {pid: clip_to_norm(t, self.settings.norm_bound, base) for pid, t in accepted.items()}
         for pid, reason in sorted(rejected.items()):
             self._event("rejected", round=round_index + 1, partition=pid, reason=reason)
-        return accepted, {p: metrics[p] for p in accepted}, rejected, sizes
+        return accepted, {p: infos[p] for p in accepted}, rejected, sizes
 
     def _plain_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger) -> dict[str, Any]:
         base = task.global_state_from_download(fed, download)
@@ -321,81 +394,119 @@ class FlowerTransport:
         for pid, reason in sorted(missing.items()):
             self._event("missing", round=round_index + 1, partition=pid, reason=reason)
         t0 = time.perf_counter()
-        accepted, metrics, rejected, sizes = self._screen(fed, replies, shapes, base, round_index)
+        accepted, infos, rejected, sizes = self._screen(fed, replies, shapes, base, round_index)
         for pid, nbytes in sizes.items():
             ledger.record_up(round_index, pid, nbytes)
         if len(accepted) < max(1, self.settings.min_replies):
-            raise RoundFailed(
-                f"round {round_index + 1}: {len(accepted)} accepted updates of {len(sampled)} sampled, min-replies = {self.settings.min_replies}"
-            )
-        updates = [self._client_update(fed, pid, tensors, metrics[pid], replies[pid], sizes[pid]) for pid, tensors in sorted(accepted.items())]  # `sampled` is sorted: the simulation's order
-        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "updates": updates, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds, "node_seconds": _node_seconds(replies)}
+            raise self._failed(round_index, f"{len(accepted)} accepted updates of {len(sampled)} sampled, min-replies = {self.settings.min_replies}")
+        updates = [self._client_update(pid, self.counts()[pid], tensors, infos[pid], sizes[pid]) for pid, tensors in sorted(accepted.items())]  # `sampled` is sorted: the simulation's order
+        return {"accepted": sorted(accepted), "missing": missing, "rejected": rejected, "updates": updates, "screen_seconds": time.perf_counter() - t0, "exchange_seconds": ex.seconds, "node_seconds": _node_seconds(infos)}
 
     @staticmethod
-    def _client_update(fed: Federation, pid: int, tensors: dict[str, Tensor], metrics: dict[str, float], reply: Message | None, size: int) -> ClientUpdate:
-        """A screened upload as the driver's `ClientUpdate`: the server's own example count (not
-        the client's claim); a DP node's accountant history from its reply."""
-        history = None
-        node = reply.content.config_records.get(NODE_RECORD) if reply is not None else None
-        if node is not None and "privacy-history" in node:
-            history = [list(map(float, e[:2])) + [int(e[2])] for e in json.loads(str(node["privacy-history"]))]
+    def _client_update(pid: int, count: int, tensors: dict[str, Tensor], info: screening.Reply, size: int) -> ClientUpdate:
+        """A screened reply as the driver's `ClientUpdate`: the example count the server fixed
+        (never the client's claim); a DP node's accountant history and epsilon as it reported them."""
         return ClientUpdate(
             client_id=pid,
-            num_examples=fed.clients[pid].num_examples,
+            num_examples=count,
             tensors=tensors,
-            loss=float(metrics["loss"]),
-            steps=int(metrics["steps"]),
-            tokens=int(metrics["tokens"]),
-            seconds=float(metrics["seconds"]),
-            state=ClientState(privacy_history=history),
+            loss=info.loss,
+            steps=info.steps,
+            tokens=info.tokens,
+            seconds=info.seconds,
+            state=ClientState(privacy_history=info.privacy_history),
             payload_bytes=size,
-            metrics={k: float(v) for k, v in metrics.items() if k == "epsilon"},
+            metrics={"epsilon": info.epsilon} if info.epsilon is not None else {},
         )
 
     def _secagg_round(self, fed: Federation, round_index: int, sampled: list[int], download: bytes, ledger: comm.CommLedger) -> dict[str, Any]:
         """One update, the secure weighted mean (one strategy `add` of weight 1), and the
-        contributors' numbers apart."""
-        from fedsb.flower.secagg import secagg_round
+        contributors' numbers apart. The weights are the server's: each node is told its own,
+        its masked-vector reply is screened before it is summed (dropped: a SecAgg+ dropout),
+        and the unmasked total weight and the mean are checked before the strategy sees them."""
+        from fedsb.flower.secagg import quantized_weight, secagg_round
 
         base = task.global_state_from_download(fed, download)
         names = sorted(base)
         shapes = {k: tuple(v.shape) for k, v in base.items()}
         live = [pid for pid in sampled if pid in self.node_of and pid not in self.needs_setup]
         pid_of = {self.node_of[pid]: pid for pid in live}
-        weights = {pid: fed.strategy.client_weight(fed.clients[pid].num_examples) for pid in range(len(fed.clients))}
+        weights = self.weights(fed)
+        max_weight = float(max(weights.values()))
+        infos: dict[int, screening.Reply] = {}
+
+        def screen(node_id: int, fitres: Any) -> str | None:
+            pid = pid_of.get(node_id)
+            if pid is None:
+                return f"node {node_id} was not sampled"
+            try:
+                fields = {**dict(fitres.metrics), "num-examples": fitres.num_examples, "src-node": node_id}
+                infos[pid] = screening.screen_reply("secagg", fields, self._expected(fed, pid, node_id))
+            except PayloadError as e:
+                return str(e)
+            return None
+
         start = time.perf_counter()
-        outcome = secagg_round(
-            self.grid,
-            self.context,
-            round_index=round_index,
-            node_ids=[self.node_of[pid] for pid in live],
-            global_arrays=codec.state_to_ndarrays(base, names),
-            fit_config={"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha, "names": "\n".join(names)},
-            max_weight=float(max(weights.values())),
-            clipping_range=self.settings.secagg_clipping_range,
-            quantization_range=self.settings.secagg_quantization_range,
-            timeout=self.settings.round_timeout,
-        )
-        if outcome.mean is None or len(outcome.results) < max(1, self.settings.min_replies):
-            raise RoundFailed(f"round {round_index + 1}: secure aggregation ended with {len(outcome.results)} results (min-replies = {self.settings.min_replies})")
-        mean = codec.ndarrays_to_state(outcome.mean, names, shapes)
+        try:
+            outcome = secagg_round(
+                self.grid,
+                self.context,
+                round_index=round_index,
+                node_ids=[self.node_of[pid] for pid in live],
+                global_arrays=codec.state_to_ndarrays(base, names),
+                fit_config={"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha, "names": "\n".join(names)},
+                weights={self.node_of[pid]: weights[pid] for pid in live},
+                screen=screen,
+                max_weight=max_weight,
+                clipping_range=self.settings.secagg_clipping_range,
+                quantization_range=self.settings.secagg_quantization_range,
+                timeout=self.settings.round_timeout,
+            )
+        except Exception as e:  # a node that breaks Flower's protocol stops the round, not the ServerApp
+            raise self._failed(round_index, f"secure aggregation failed: {_one_line(e)}") from None
+        rejected = {pid_of[nid]: reason for nid, reason in outcome.dropped.items() if nid in pid_of}
+        for pid, reason in sorted(rejected.items()):
+            self._event("rejected", round=round_index + 1, partition=pid, reason=reason)
+        contributors = sorted(pid_of[nid] for nid in outcome.nodes if nid in pid_of and pid_of[nid] in infos)
+        if outcome.mean is None or len(contributors) < max(1, self.settings.min_replies):
+            raise self._failed(round_index, f"secure aggregation ended with {len(contributors)} results (min-replies = {self.settings.min_replies})")
+        levels = self.settings.secagg_quantization_range
+        want = sum(quantized_weight(weights[pid], max_weight, levels) for pid in contributors)
+        if outcome.total_weight != want:
+            raise self._failed(round_index, f"the unmasked total weight is {outcome.total_weight}, the weights the server fixed for partitions {contributors} sum to {want}: a node applied another weight than it was given")
+        try:
+            mean = codec.ndarrays_to_state(outcome.mean, names, shapes)
+        except PayloadError as e:
+            raise self._failed(round_index, f"the secure aggregate is refused: {e}") from None
+        bounds = [self.update_bound(fed, pid, base) for pid in contributors]
+        if bounds and None not in bounds:
+            ratios = sum(quantized_weight(weights[pid], max_weight, levels) for pid in contributors) / levels
+            slack = len(contributors) * (2 * self.settings.secagg_clipping_range / levels) / max(ratios, 1e-12) * math.sqrt(sum(v.numel() for v in base.values()))
+            limit = max(b for b in bounds if b is not None) + slack
+            if (norm := update_norm(mean, base)) > limit:
+                raise self._failed(round_index, f"the secure aggregate moved {norm:.4g} from the global state, more than {limit:.4g} (update-bound): not applied")
         aggregate = ClientUpdate(client_id=-1, num_examples=1, tensors=mean, loss=0.0, steps=0, tokens=0, seconds=0.0)
         # What the server side was handed: one distinct vector (the aggregate, in every FitRes),
         # never a client's own R; its fp32 payload's sha256 is that of the new global R.
         received = {"fit_results": len(outcome.received), "distinct_vectors": len(set(outcome.received)), "strategy_adds": 1, "aggregate_sha256": task.sha256(comm.encode(mean, "fp32"))}
-        contributors = sorted(int(r.metrics["partition-id"]) for r in outcome.results)
-        reports = sorted((self._client_update(fed, int(r.metrics["partition-id"]), {}, dict(r.metrics), None, 0) for r in outcome.results), key=lambda u: u.client_id)
+        reports = [self._client_update(pid, self.counts()[pid], {}, infos[pid], 0) for pid in contributors]
         # Under SecAgg+ no safetensors payload exists: what each client sends and receives is
         # Flower's protocol traffic (keys, shares, masked vectors), so that is what is counted.
         for nid, nbytes in self.grid.sent.items():
             ledger.record_down(round_index, pid_of.get(nid, f"node{nid}"), nbytes)
         for nid, nbytes in self.grid.received.items():
             ledger.record_up(round_index, pid_of.get(nid, f"node{nid}"), nbytes)
-        missing = {pid: "dropped out of secure aggregation" for pid in live if pid not in contributors}
+        missing = {pid: "dropped out of secure aggregation" for pid in live if pid not in contributors and pid not in rejected}
         missing.update({pid: "no SuperNode holds this partition" for pid in sampled if pid not in live})
         for pid, reason in sorted(missing.items()):
             self._event("missing", round=round_index + 1, partition=pid, reason=reason)
-        return {"accepted": contributors, "missing": missing, "rejected": {}, "updates": [aggregate], "reports": reports, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start, "secagg_aggregate": received}
+        return {"accepted": contributors, "missing": missing, "rejected": rejected, "updates": [aggregate], "reports": reports, "screen_seconds": 0.0, "exchange_seconds": time.perf_counter() - start, "secagg_aggregate": received}
+
+    def _failed(self, round_index: int, reason: str) -> RoundFailed:
+        """The round cannot be aggregated: log it, and return the error that stops the run
+        before anything of this round is applied or checkpointed."""
+        self._event("round-failed", round=round_index + 1, reason=reason)
+        return RoundFailed(f"round {round_index + 1}: {reason}; the run stops at its last checkpoint (resume = true continues from it)")
 
     def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange:
         """Send the round to the sampled partitions' nodes; return the screened updates."""
@@ -434,14 +545,21 @@ class FlowerTransport:
         nodes = [pid for pid in sorted(self.node_of) if pid not in self.needs_setup]
         ex = exchange(self.grid, [self._round_message(pid, round_index, download, "evaluate") for pid in nodes], timeout=self.settings.round_timeout)
         pid_of = {self.node_of[pid]: pid for pid in nodes}
-        total, count = 0.0, 0.0
+        total, count = 0.0, 0
         for nid, reply in ex.replies:
-            if reply.has_error() or (self.folds and self._note_base(pid_of[nid], reply) != self.base_id):
+            if reply.has_error():
                 continue
-            m = reply.content.metric_records[METRICS_RECORD]
-            total += float(m["loss"]) * float(m["num-examples"])
-            count += float(m["num-examples"])
-        return {"loss": total / count if count else float("nan"), "nodes": len(ex.replies)}
+            pid = pid_of[nid]
+            try:
+                info = screening.screen_reply("evaluate", _fields(reply, METRICS_RECORD, NODE_RECORD), self._expected(self.fed, pid, nid))
+            except Exception as e:
+                self._event("rejected", round=round_index + 1, partition=pid, message="evaluate", reason=str(e) if isinstance(e, PayloadError) else _one_line(e))
+                continue
+            if self.folds and self._note_base(pid, info.base_id) != self.base_id:
+                continue
+            total += info.loss * int(info.num_examples)  # type: ignore[arg-type]  (required field)
+            count += int(info.num_examples)  # type: ignore[arg-type]
+        return {"loss": total / count if count else None, "nodes": len(ex.replies)}
 
     # --- FedEx/FLoRA across a server restart ----------------------------------------------
 
@@ -477,7 +595,7 @@ class FlowerTransport:
             self.holds = {int(pid): base for pid, base in chain["holds"].items()}
             return data
         state = trainable_state(fed.model, fed.head_modules)
-        rebuilt = {k: state[k] if k in state and list(state[k].shape) == shape else torch.zeros(shape) for k, shape in meta["download_shapes"].items()}
+        rebuilt = {k: state[k] if k in state and list(state[k].shape) == shape else torch.zeros(shape, device="cpu") for k, shape in meta["download_shapes"].items()}
         download = comm.encode(rebuilt, self.config.federation.wire_dtype)
         self.base_id = chain.get("id") or task.sha256(f"resync\n{self.base_root}\n{start_round}")
         self._advance_base(download, start_round)
@@ -533,12 +651,27 @@ class FlowerTransport:
         pid_of = {nid: pid for pid, nid in self.node_of.items()}
         out: dict[int, dict[str, Tensor]] = {}
         for nid, reply in ex.replies:
+            pid = pid_of[nid]
             if reply.has_error():
-                raise RoundFailed(f"federated init ({kind}): partition {pid_of[nid]} answered {reply.error.reason.strip().splitlines()[-1:]}")
-            out[pid_of[nid]] = comm.decode(codec.payload_from_record(reply.content.array_records[UPDATE_RECORD]))[0]
+                raise self._init_failed(kind, f"partition {pid} answered {reply.error.reason.strip().splitlines()[-1:]}")
+            try:
+                screening.screen_reply("init", _fields(reply, NODE_RECORD), self._expected(None, None, nid))
+                out[pid] = comm.decode(codec.payload_from_record(reply.content.array_records.get(UPDATE_RECORD)), max_bytes=_INIT_MAX_BYTES)[0]
+            except Exception as e:
+                raise self._init_failed(kind, f"partition {pid}'s reply is refused: {e if isinstance(e, PayloadError) else _one_line(e)}") from None
         if ex.unanswered:
-            raise RoundFailed(f"federated init ({kind}): no reply from partitions {sorted(pid_of[n] for n in ex.unanswered)}")
+            raise self._init_failed(kind, f"no reply from partitions {sorted(pid_of[n] for n in ex.unanswered)}")
+        layouts = {pid: {k: tuple(v.shape) for k, v in t.items()} for pid, t in out.items()}
+        common = max(layouts.values(), key=lambda lay: sum(other == lay for other in layouts.values()), default={})
+        odd = sorted(pid for pid, lay in layouts.items() if lay != common)
+        if odd:  # every node answers the same protocol step: the same tensors and shapes
+            raise self._init_failed(kind, f"partitions {odd} sent other tensors or shapes than the others")
         return out
+
+    def _init_failed(self, kind: str, reason: str) -> RoundFailed:
+        """The federated init needs every partition: a refused reply stops the run, logged."""
+        self._event("init-failed", exchange=kind, reason=reason)
+        return RoundFailed(f"federated init ({kind}): {reason}")
 
     def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
         self._advance_base(download, round_index + 1)
@@ -564,25 +697,38 @@ class FlowerTransport:
         }
 
 
-def _node_seconds(replies: dict[int, Message]) -> dict[str, dict[str, float]]:
-    """Per partition: the ClientApp process's start-up and its whole message time, as reported."""
-    out = {}
-    for pid, reply in sorted(replies.items()):
-        m = reply.content.metric_records.get(METRICS_RECORD)
-        if m is not None and NODE_STARTUP_METRIC in m and NODE_MESSAGE_METRIC in m:
-            out[str(pid)] = {"startup": float(m[NODE_STARTUP_METRIC]), "message": float(m[NODE_MESSAGE_METRIC])}
-    return out
+def _node_seconds(infos: dict[int, screening.Reply]) -> dict[str, dict[str, float]]:
+    """Per accepted partition: the ClientApp process's start-up and its whole message time, as reported."""
+    return {
+        str(pid): {"startup": info.startup_seconds, "message": info.message_seconds}
+        for pid, info in sorted(infos.items())
+        if info.startup_seconds is not None and info.message_seconds is not None
+    }
 
 
 def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict[str, Any]:
-    """The ServerApp's run: the experiment driver over the Flower transport."""
+    """The ServerApp's run: the experiment driver over the Flower transport, in a results folder
+    opened as the in-process engine opens it (`fedsb.rundir.open_run`): locked for the run (an
+    in-process `--resume` of it is refused, and vice versa), refused if it holds results unless
+    `resume` or `overwrite`, published atomically, and removed again if the run fails before
+    its first round. `resume = true` on a folder that holds no run starts one; on a run that
+    stopped before its first round completed it starts that run again (as `fedsb run --resume`)."""
+    from fedsb.rundir import RunDirError, failed_start, open_run, restart_failed_start
+
     config = task.experiment_config(settings)
     check_supported(config, settings)
     out_dir = Path(settings.out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume = settings.resume and has_checkpoint(out_dir)
     base_eval = json.loads(Path(settings.base_eval).read_text()) if settings.base_eval else None
-    if not resume:
-        (out_dir / "flower_events.jsonl").unlink(missing_ok=True)
-    transport = FlowerTransport(grid, context, settings, config, out_dir)
-    return Experiment(config, out_dir, base_eval=base_eval).run(transport, resume=resume)
+    asked = settings.resume and (out_dir / "config.toml").is_file()
+    with open_run(out_dir, resume=asked, overwrite=settings.overwrite):
+        resume = asked and has_checkpoint(out_dir)  # checked under the lock
+        if asked and not resume:
+            if not failed_start(out_dir):
+                raise RunDirError(f"{out_dir}: resume = true, but the folder holds no checkpoint to resume from; set overwrite = true to replace it")
+            restart_failed_start(out_dir)
+        transport = FlowerTransport(grid, context, settings, config, out_dir)
+        try:
+            return Experiment(config, out_dir, base_eval=base_eval).run(transport, resume=resume)
+        except Exception as e:
+            transport._event("failed", reason=str(e) if isinstance(e, FedsbError) else _one_line(e))
+            raise

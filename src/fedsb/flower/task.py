@@ -61,7 +61,9 @@ class RunSettings:
     min_nodes: int = 0  # nodes to wait for before starting (0 = federation.num_clients)
     discovery_timeout: float = 120.0
     resume: bool = False  # continue from out-dir's last completed round
+    overwrite: bool = False  # replace the results out-dir holds (as `fedsb run --overwrite`)
     norm_bound: float = 0.0  # clip each update to this L2 norm (0 = off)
+    update_bound: float = 1.0  # refuse an update larger than x this the most its AdamW steps can move (0 = off)
     outlier_factor: float = 20.0  # refuse an update > factor x the median norm of the others (0 = off)
     secagg: bool = False  # Fed-SB through Flower's SecAgg+ (the server sees only the sum)
     secagg_clipping_range: float = 8.0
@@ -132,12 +134,23 @@ class NodeCache:
     """Files named by the sha256 of their content, so a node can prove it holds what the
     server means (and a corrupted or swapped file is detected and dropped)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, device: str | None = None) -> None:
         if root is None:
             from fedsb.models import cache_dir
 
             root = cache_dir() / "flower"
         self.root = Path(root)
+        self.device = device  # the node's `device` setting: where its model runs (None: the server config's)
+
+    def config(self, config_sha: str) -> ExperimentConfig:
+        """The cached config the server sent, with this node's own `model.device`."""
+        text = self.get("config", config_sha)
+        if text is None:
+            raise MissingSetup(f"config {config_sha[:12]} is not in the node cache")
+        config = config_from_text(text.decode())
+        if self.device is not None:
+            config.model.device = self.device
+        return config
 
     def _path(self, kind: str, digest: str) -> Path:
         if not all(c in "0123456789abcdef" for c in digest) or len(digest) != 64:
@@ -213,8 +226,15 @@ class NodeCache:
 
 
 def node_cache(node_config: dict[str, Any]) -> NodeCache:
+    """The node's cache (`cache-dir`) and device (`device`: auto, cpu, cuda or cuda:N) from
+    its `--node-config`."""
+    from fedsb.precision import check_device_setting
+
     root = node_config.get("cache-dir") or os.environ.get("FEDSB_FLOWER_CACHE") or None
-    return NodeCache(root)
+    device = node_config.get("device")
+    if device is not None:
+        check_device_setting(device, "node-config device")
+    return NodeCache(root, device)
 
 
 # --- client side -----------------------------------------------------------------------------
@@ -252,10 +272,7 @@ def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str, *, fre
     key = (config_sha, frozen_sha)
     if key in _FEDERATIONS and not fresh:
         return _FEDERATIONS[key]
-    text = cache.get("config", config_sha)
-    if text is None:
-        raise MissingSetup(f"config {config_sha[:12]} is not in the node cache")
-    config = config_from_text(text.decode())
+    config = cache.config(config_sha)
     frozen = None
     if needs_frozen_broadcast(config):
         frozen = cache.get("frozen", frozen_sha) if frozen_sha else None
@@ -283,10 +300,7 @@ SIGNS_KIND = "init-signs"
 def init_federation(cache: NodeCache, config_sha: str) -> Federation:
     """The node's Federation before any init (adapters as built: what the server's model is
     when the protocol starts), from the cached config."""
-    text = cache.get("config", config_sha)
-    if text is None:
-        raise MissingSetup(f"config {config_sha[:12]} is not in the node cache")
-    return build_federation(config_from_text(text.decode()))
+    return build_federation(cache.config(config_sha))
 
 
 def init_signs(fed: Federation, cache: NodeCache, config_sha: str, partition_id: int) -> dict[str, Tensor]:
@@ -483,9 +497,10 @@ def partition_loss(fed: Federation, partition_id: int, global_state: dict[str, T
     bs = fed.config.train.batch_size
     pad = fed.tokenizer.pad_token_id
     fed.model.eval()
+    device = next(fed.model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, client.num_examples, bs):
-        batch = collate(client.items[i : i + bs], pad, client.classification)
+        batch = {k: v.to(device) for k, v in collate(client.items[i : i + bs], pad, client.classification).items()}
         out = fed.model(**batch)
         n = batch["input_ids"].shape[0]
         total += float(out.loss) * n
@@ -497,6 +512,24 @@ def partition_loss(fed: Federation, partition_id: int, global_state: dict[str, T
 # --- fault injection (testing and chaos drills only) ----------------------------------------
 
 FAULT_KINDS = ("crash", "hang", "nan", "inf", "wrong-key", "wrong-shape", "wrong-dtype", "huge-norm", "oversize", "pickle")
+# lies in the reply's fields rather than its payload (`lying_metrics`)
+FIELD_FAULTS = ("claim-examples", "claim-partition", "nan-loss", "nan-steps")
+FAULT_KINDS += FIELD_FAULTS
+
+
+def lying_metrics(kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The reply fields of a node that lies in the given way (tests and drills only): ten
+    times its example count or weight, partition-id 99, a NaN loss, NaN steps."""
+    out = dict(metrics)
+    if kind == "claim-examples":
+        out["num-examples"] = 10 * out["num-examples"]
+    elif kind == "claim-partition":
+        out["partition-id"] = 99
+    elif kind == "nan-loss":
+        out["loss"] = float("nan")
+    elif kind == "nan-steps":
+        out["steps"] = float("nan")
+    return out
 
 
 def fault_for(spec: str, partition_id: int, round_index: int) -> str | None:
@@ -524,7 +557,7 @@ def faulty_payload(kind: str, state: dict[str, Tensor], wire_dtype: str) -> byte
     elif kind == "wrong-key":
         state["evil." + first] = state.pop(first)
     elif kind == "wrong-shape":
-        state[first] = torch.zeros(*state[first].shape, 2)
+        state[first] = torch.zeros(*state[first].shape, 2, device="cpu")
     elif kind == "wrong-dtype":
         return comm.encode(state, "fp16" if wire_dtype != "fp16" else "bf16")
     elif kind == "huge-norm":

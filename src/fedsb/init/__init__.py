@@ -79,11 +79,28 @@ def init_from_gradients(
         install_from_update(layer, *factors.pop(name))
 
 
+# fp32 gradient accumulators one pass of the central init may hold when init.group_size = 0.
+GRADIENT_BUFFER_BUDGET = 4 * 2**30
+
+
 def layer_groups(layers: Mapping[str, AdapterLinear], group_size: int) -> list[dict[str, AdapterLinear]]:
-    """Consecutive groups of `group_size` target layers (0: one group of all)."""
+    """Consecutive groups of `group_size` target layers. 0: bounded, as many consecutive layers
+    as keep the fp32 buffers under GRADIENT_BUFFER_BUDGET: one group of all for models whose
+    targets have under 1.07B weights (as before issue 31), 7 passes for Mistral-7B's 28 GB."""
     items = list(layers.items())
-    size = group_size if group_size > 0 else max(1, len(items))
-    return [dict(items[i : i + size]) for i in range(0, len(items), size)]
+    if group_size > 0:
+        return [dict(items[i : i + group_size]) for i in range(0, len(items), group_size)]
+    groups: list[dict[str, AdapterLinear]] = []
+    current: dict[str, AdapterLinear] = {}
+    used = 0
+    for name, layer in items:
+        size = 4 * layer.base_layer.weight.numel()
+        if current and used + size > GRADIENT_BUFFER_BUDGET:
+            groups.append(current)
+            current, used = {}, 0
+        current[name] = layer
+        used += size
+    return groups + [current] if current else groups
 
 
 def init_central(
@@ -134,7 +151,7 @@ def init_central(
         spent["svd"] += time.perf_counter() - t1
     for name, layer in _lorasb_layers(layers).items():
         install_from_update(layer, *factors.pop(name))
-    release_free_memory()  # the pass's activations and buffers, before training grows past them
+    release_free_memory(next(model.parameters()).device)  # the pass's activations and buffers, before training grows past them
     if timings is not None:
         timings.update(spent)
     return lr_eff
@@ -145,9 +162,10 @@ def init_random(layers: Mapping[str, AdapterLinear], *, seed: int = 0) -> None:
     """Orthonormal random B (out x r) and A (r x in) from `seed`, R0 = 0."""
     for index, layer in enumerate(_lorasb_layers(layers).values()):
         g = layer_generator(seed, index)
-        b, _ = torch.linalg.qr(torch.randn(layer.out_features, layer.rank, generator=g))
-        a, _ = torch.linalg.qr(torch.randn(layer.in_features, layer.rank, generator=g))
-        layer.set_factors(b, torch.zeros(layer.rank, layer.rank), a.mT)
+        # Drawn on the host: every client computes the same factors on any device (the digest).
+        b, _ = torch.linalg.qr(torch.randn(layer.out_features, layer.rank, generator=g, device="cpu"))
+        a, _ = torch.linalg.qr(torch.randn(layer.in_features, layer.rank, generator=g, device="cpu"))
+        layer.set_factors(b, torch.zeros(layer.rank, layer.rank, device="cpu"), a.mT)
 
 
 __all__ = [

@@ -64,7 +64,7 @@ def derive_seed(seed: int, layer_index: int) -> int:
 
 def layer_generator(seed: int, layer_index: int) -> torch.Generator:
     """The CPU generator from which every party draws the test matrix of one layer."""
-    return torch.Generator().manual_seed(derive_seed(seed, layer_index))
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, layer_index))  # the same sketch on every device
 
 
 def sketch_width(shape: tuple[int, int], rank: int, oversample: int) -> int:
@@ -144,8 +144,8 @@ def server_sum(
         total.add_(clip_message(message.float().to(device), clip_norm), alpha=weight)
     if noise_std > 0:
         if generator is None:
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
-        noise = torch.randn(total.shape, generator=generator, dtype=torch.float32)  # CPU: same on any device
+            generator = torch.Generator(device="cpu").manual_seed(secrets.randbits(63))
+        noise = torch.randn(total.shape, generator=generator, dtype=torch.float32, device="cpu")  # same on any device
         total.add_(noise.to(device), alpha=noise_std)
     return total
 

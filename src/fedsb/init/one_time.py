@@ -31,12 +31,13 @@ DIGEST_BYTES = 32
 
 
 def frozen_factors(model: nn.Module) -> dict[str, Tensor]:
-    """{"<layer>.lora_B": B, "<layer>.lora_A": A} of every LoRA-SB layer, in fp32."""
+    """{"<layer>.lora_B": B, "<layer>.lora_A": A} of every LoRA-SB layer, fp32 copies on the
+    host (what the broadcast encodes and is compared with, wherever the model lives)."""
     out: dict[str, Tensor] = {}
     for name, layer in adapter_layers(model).items():
         if isinstance(layer, LoraSBLinear):
-            out[f"{name}.lora_B"] = layer.lora_B.detach().float().clone()
-            out[f"{name}.lora_A"] = layer.lora_A.detach().float().clone()
+            out[f"{name}.lora_B"] = layer.lora_B.detach().to("cpu", torch.float32, copy=True)
+            out[f"{name}.lora_A"] = layer.lora_A.detach().to("cpu", torch.float32, copy=True)
     return out
 
 
@@ -110,9 +111,9 @@ def init_svd(model: nn.Module, *, seed: int = 0) -> None:
         p, _, qt = torch.linalg.svd(w, full_matrices=False)  # exact (0.1 s at 576 x 1536)
         p, qt = p[:, : layer.rank], qt[: layer.rank]
         idx = p.abs().argmax(dim=0)
-        sign = torch.sign(p[idx, torch.arange(p.shape[1])])
+        sign = torch.sign(p[idx, torch.arange(p.shape[1], device=p.device)])
         sign[sign == 0] = 1
-        layer.set_factors(p * sign, torch.zeros(layer.rank, layer.rank), qt * sign[:, None])
+        layer.set_factors(p * sign, torch.zeros(layer.rank, layer.rank, device=p.device), qt * sign[:, None])
 
 
 # --------------------------------------------------------------------------- the hook

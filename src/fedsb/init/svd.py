@@ -24,7 +24,7 @@ def sign_step(grad: Tensor, lr_eff: float) -> Tensor:
 
 def gaussian_test_matrix(n: int, k: int, generator: torch.Generator) -> Tensor:
     """An n x k standard Gaussian matrix in fp32 drawn from `generator` (on the CPU)."""
-    return torch.randn(n, k, generator=generator, dtype=torch.float32)
+    return torch.randn(n, k, generator=generator, dtype=torch.float32, device=generator.device)
 
 
 def orthonormal_basis(y: Tensor) -> Tensor:

@@ -201,10 +201,12 @@ class PrivateSession:
             self._attention = _set_attention(self.model, CPU_BF16_ATTENTION)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         opacus_clipping, max_grad_norm = self._clipping_bounds()
-        index = DataLoader(TensorDataset(torch.arange(self.num_examples)), batch_size=self.batch_size)
+        index = DataLoader(TensorDataset(torch.arange(self.num_examples, device="cpu")), batch_size=self.batch_size)  # host-side index
         self.sample_rate = 1.0 / len(index)
         assert self.sample_rate == poisson_sample_rate(self.num_examples, self.batch_size)
-        generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
+        # opacus draws the noise on the parameters' device, with this generator: it must live there.
+        device = self._params[0].device if self._params else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(self.noise_seed) if self.noise_seed is not None else None
         with _quiet():
             self._engine = PrivacyEngine(accountant="rdp")
             self._engine.accountant.history = list(self._initial_history)

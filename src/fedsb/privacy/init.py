@@ -102,13 +102,14 @@ def private_init_central(
     total_n = sum(c.num_examples for c in clients)
     q = init_sample_rate(cfg, total_n)
     start = time.perf_counter()
-    sample_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
-    noise_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 23)
+    device = next(model.parameters()).device
+    sample_g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + 17)  # host-side: who is sampled
+    noise_g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 23)  # beside the gradients
     pad = pad_id
     total: dict[str, Tensor] = {}
     used, clipped = 0, 0
     for client in clients:
-        chosen = (torch.rand(client.num_examples, generator=sample_g) < q).nonzero().flatten().tolist()
+        chosen = (torch.rand(client.num_examples, generator=sample_g, device="cpu") < q).nonzero().flatten().tolist()
         local: dict[str, Tensor] = {}
         for i in chosen:
             batch = collate([client.items[i]], pad, classification)
@@ -123,8 +124,8 @@ def private_init_central(
                 progress(1)
         for name, layer in layers.items():  # the client's own noise, before its sum leaves it
             w = layer.base_layer.weight
-            noisy = local.get(name, torch.zeros(w.shape, dtype=torch.float32))
-            noisy = noisy + torch.randn(w.shape, generator=noise_g) * (sigma * clip)
+            noisy = local.get(name, torch.zeros(w.shape, dtype=torch.float32, device=device))
+            noisy = noisy + torch.randn(w.shape, generator=noise_g, device=device) * (sigma * clip)
             total[name] = total[name].add_(noisy) if name in total else noisy
         if client.client_id in ledgers:
             ledgers[client.client_id].record(sigma, q, 1)

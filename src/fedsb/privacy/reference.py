@@ -46,7 +46,10 @@ def run_reference(cfg: ExperimentConfig, kind: str, *, lr: float | None = None) 
         raise ValueError("the full fine-tuning reference is non-private only (per-sample gradients of every weight)")
     wall = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed)
+    from fedsb.precision import resolve_placement
+
+    placement = resolve_placement(cfg.model.device, cfg.train.precision, "fp32")  # fp32 weights: "full" trains them all
+    model, tok = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed, placement=placement)
     task = get_task(cfg.task.name, **cfg.task.options)
     train = task.train_examples(limit=cfg.task.train_limit or None, seed=cfg.seed)
     evals = task.eval_examples(limit=cfg.task.eval_limit or None, seed=cfg.seed)

@@ -67,11 +67,13 @@ class UserLevelDP(Strategy):
     def begin_round(self, model: nn.Module) -> None:
         super().begin_round(model)
         self.inner.begin_round(model)
-        self._global = trainable_state(model, self.head_modules)  # what every client starts from
+        # What every client starts from, on the host beside the decoded uploads: the mechanism
+        # (clip, sum, seeded noise) runs on the CPU wherever the model lives.
+        self._global = {k: v.to("cpu") for k, v in trainable_state(model, self.head_modules).items()}
         self._norms: list[float] = []
 
     def add(self, model: nn.Module, update: Mapping[str, Tensor], num_examples: int) -> None:
-        delta = {k: update[k].double() - self._global[k].double() for k in self._global}
+        delta = {k: update[k].to("cpu", torch.float64) - self._global[k].double() for k in self._global}
         norm = float(torch.sqrt(sum((d * d).sum() for d in delta.values())))
         self._norms.append(norm)
         scale = min(1.0, self.clip_norm / (norm + 1e-12))
@@ -83,12 +85,12 @@ class UserLevelDP(Strategy):
     def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
         if self._count == 0:
             raise ValueError("no client update to aggregate")
-        g = torch.Generator().manual_seed(_noise_seed(self.seed, round_index))
+        g = torch.Generator(device="cpu").manual_seed(_noise_seed(self.seed, round_index))
         std = self.noise_multiplier * self.clip_norm / self._count
         noisy = {}
         for key in sorted(self._sums):
             mean = self._sums[key] / self._count
-            noise = torch.randn(mean.shape, generator=g, dtype=torch.float64) * std
+            noise = torch.randn(mean.shape, generator=g, dtype=torch.float64, device="cpu") * std
             noisy[key] = (self._global[key].double() + mean + noise).float()
         # The wrapped strategy sees a single "client" whose upload is the noisy global update.
         self.inner.add(model, noisy, 1)
