@@ -182,3 +182,31 @@ def test_flora_with_one_client_starts_from_the_fresh_init_not_the_stack():
     fedsb, sb_model, _, _ = federate("fedsb", [(12, 10)], 4, [7], seed=0)
     sent = {k: v + 1.0 for k, v in trainable_state(sb_model).items()}
     assert all(torch.equal(fedsb.client_start_state(sb_model, sent)[k], sent[k]) for k in sent)
+
+
+def test_a_strategy_registers_itself_by_its_class_declaration():
+    """`class X(Strategy, name="x")` is the whole registration; a subclass without a name is not registered."""
+    from fedsb.aggregation import registry
+    from fedsb.aggregation.base import Strategy
+    from fedsb.aggregation.fedsb import FedSB
+
+    class _Probe(Strategy, name="_probe_strategy"):
+        def finish(self, model, round_index):
+            return {}
+
+    class _Unnamed(FedSB):
+        pass
+
+    try:
+        assert get_strategy("_probe_strategy") is _Probe and _Probe.name == "_probe_strategy"
+        assert _Unnamed.name == "fedsb" and get_strategy("fedsb") is FedSB
+        with pytest.raises(ValueError, match="taken"):
+
+            class _Clash(Strategy, name="fedsb"):
+                def finish(self, model, round_index):
+                    return {}
+
+    finally:
+        registry._STRATEGIES.pop("_probe_strategy", None)
+    assert "_probe_strategy" not in strategy_names()
+    assert set(strategy_names()) >= {"fedsb", "fedit", "ffa", "fedex", "flora"}  # found by pkgutil

@@ -220,3 +220,27 @@ def test_breakeven_reference_is_the_strategys_declaration(cli, monkeypatch):
 def test_cli_rejects_bad_arguments(cli, args):
     res = cli(*args)
     assert res.exit_code == 2, res.output  # a usage error, not a crash
+
+
+@pytest.mark.parametrize("name", ["mistral-7b", "gemma-2-9b", "llama-3.2-3b", "bert-base-cased"])
+def test_builtin_layers_are_the_meta_models_layers(name):
+    """`fedsb comm` lays the built-ins out without torch; transformers' meta model must agree:
+    every linear layer, in order, and the head."""
+    from fedsb.federated.shapes import BUILTIN_CONFIGS, DEFAULT_TARGETS, _infer_task, _shapes_cached, builtin_layers
+
+    cfg = {**BUILTIN_CONFIGS[name]}
+    cfg.setdefault("num_labels", 3)
+    task = _infer_task(cfg)
+    layers, head = builtin_layers(cfg, task)
+    every = tuple(sorted({n.rsplit(".", 1)[-1] for n, _, _ in layers}))
+    meta = _shapes_cached(name, json.dumps(cfg, sort_keys=True), every, task)
+    assert meta.modules == layers and meta.head_shapes == head
+    assert target_shapes(name) == _shapes_cached(name, json.dumps(cfg, sort_keys=True), DEFAULT_TARGETS[name], task)  # the preset path
+
+
+def test_the_torch_free_wire_table_matches_the_torch_one():
+    from fedsb.federated import comm
+    from fedsb.federated.wire_size import WIRE_ST_DTYPES
+
+    assert list(WIRE_ST_DTYPES) == list(comm.WIRE_DTYPES)
+    assert all(WIRE_ST_DTYPES[name] == comm._ST_NAME[dtype] for name, dtype in comm.WIRE_DTYPES.items())

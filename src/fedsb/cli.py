@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+# Importing this module, `fedsb --help`, `fedsb comm` and argument errors need no torch: the
+# commands import it (and transformers) inside their functions (tests/test_architecture.py).
 from fedsb.commands.bench import bench
 from fedsb.commands.comm import comm
 from fedsb.commands.privacy_table import privacy_table
@@ -73,8 +75,6 @@ def run(
     again from the first round, with its config.
     """
     from fedsb.config import dump_config, load_config
-    from fedsb.federated.checkpoint import checkpoint_round
-    from fedsb.federated.server import run_experiment
     from fedsb.report import print_summary
     from fedsb.rundir import RunDirError, failed_start, open_run, record_changes, restart_failed_start, resume_changes
 
@@ -98,6 +98,10 @@ def run(
             raise typer.BadParameter("give a CONFIG file or --resume DIR")
         cfg = load_config(config, set_ or [])
         out = out or Path("results") / config.stem
+    # Slow dependencies (torch, transformers), imported once the arguments and the config are known good.
+    from fedsb.federated.checkpoint import checkpoint_round
+    from fedsb.federated.server import run_experiment
+
     with open_run(out, resume=resume is not None, overwrite=overwrite):
         restart = resume is not None and failed_start(out)  # checked under the lock
         if restart:

@@ -117,23 +117,6 @@ def load_classifier(
     return model, tok
 
 
-def own_storage(model: nn.Module) -> None:
-    """Copy fp32 tensors that may still view the memory-mapped checkpoint into process memory.
-
-    After the adapted weights are stored in bf16, the pages of the fp32 checkpoint that the
-    conversion read stay resident (and counted in RSS) as long as any tensor (embeddings, norms)
-    keeps the file mapping alive: 300 MB for SmolLM2. Copying those few tensors lets it go.
-    """
-    seen: set[int] = set()
-    with torch.no_grad():
-        for module in model.modules():
-            for t in list(module._parameters.values()) + list(module._buffers.values()):
-                if t is None or id(t) in seen or t.dtype != torch.float32 or t.device.type != "cpu":
-                    continue  # only host tensors can view the mapped file: no clones on a GPU
-                seen.add(id(t))
-                t.data = t.data.clone()
-
-
 # --- tiny random models for tests and quick experiments ------------------------------------
 
 

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedsb.config_types import ConfigError
 from fedsb.errors import FedsbError
 
 LOCK_NAME = ".fedsb.lock"
@@ -509,8 +510,6 @@ def resume_changes(stored: Any, new: Any) -> dict[str, list[Any]]:
     """{key: [old, new]} of the allowed changes between two `ExperimentConfig`s; a `ConfigError`
     naming the first forbidden one (a rank or strategy change would otherwise fail deep inside
     the checkpoint as a shape or key error)."""
-    from fedsb.config import ConfigError
-
     a, b = _flatten(stored.to_dict()), _flatten(new.to_dict())
     changes = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     allowed = ", ".join(SAFE_CHANGES)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsb.adapter.layer import AdapterLinear, LoraLinear, LoraSBLinear
+from fedsb.config_types import ConfigError
 
 AdapterKind = Literal["lorasb", "lora"]
 # Output heads are never adapted by "all-linear": they are either tied to the embeddings or are
@@ -66,8 +67,6 @@ def inject_adapters(
             raise TypeError(f"cannot wrap module {name!r} of type {type(module).__name__}: only torch.nn.Linear")
         d_out, d_in = module.weight.shape
         if not 0 < rank <= min(d_out, d_in):  # a config value, not a bug: one line naming the layer
-            from fedsb.config import ConfigError
-
             raise ConfigError(f"adapter.rank: rank {rank} does not fit layer {name} ({d_out}x{d_in}: at most {min(d_out, d_in)})")
         if kind == "lorasb":
             wrapped: AdapterLinear = LoraSBLinear(module, rank, alpha, dropout)
@@ -104,9 +103,24 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     for layer in adapter_layers(model).values():
         layer.store_frozen(dtype)
     if dtype != torch.float32:
-        from fedsb.models import own_storage
-
         own_storage(model)  # lets the fp32 checkpoint's file mapping go
+
+
+def own_storage(model: nn.Module) -> None:
+    """Copy fp32 tensors that may still view the memory-mapped checkpoint into process memory.
+
+    After the adapted weights are stored in bf16, the pages of the fp32 checkpoint that the
+    conversion read stay resident (and counted in RSS) as long as any tensor (embeddings, norms)
+    keeps the file mapping alive: 300 MB for SmolLM2. Copying those few tensors lets it go.
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for t in list(module._parameters.values()) + list(module._buffers.values()):
+                if t is None or id(t) in seen or t.dtype != torch.float32 or t.device.type != "cpu":
+                    continue  # only host tensors can view the mapped file: no clones on a GPU
+                seen.add(id(t))
+                t.data = t.data.clone()
 
 
 def head_parameters(model: nn.Module, head_modules: list[str]) -> dict[str, nn.Parameter]:

@@ -1,21 +1,42 @@
-"""The aggregation interface. A strategy is one small class in its own file.
+"""The aggregation interface. A strategy is one small class in its own file, which registers
+itself by name: `class FedSB(Strategy, name="fedsb")`.
 
 The server folds each client's update into a running weighted sum as it arrives
 (`add`), so memory does not grow with the number of clients (FLoRA excepted: stacking is the
 method). `finish` applies the aggregate to the global model and returns the payload every
 client downloads at the start of the next round.
+
+torch is imported inside the methods that compute, never at module level: a strategy's
+declarations (class attributes, `wire_names`, `comm_params`) are read by `fedsb comm` and the
+config checks, which must start without torch (a slow dependency).
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import ClassVar, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-import torch
-from torch import Tensor, nn
+from fedsb.aggregation.registry import add_strategy
 
-from fedsb.adapter.inject import adapter_layers, head_parameters, load_state, trainable_state
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def no_grad(fn: F) -> F:
+    """`torch.no_grad()` as a decorator, with torch imported at call time (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch  # slow dependency: only when a strategy computes
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def weighted_sum_into(sums: dict[str, Tensor], update: Mapping[str, Tensor], weight: float) -> None:
@@ -86,6 +107,12 @@ class Strategy(ABC):
         baselines draw A from a shared seed instead."""
         return cls.adapter_kind == "lorasb"
 
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        """`class X(Strategy, name="x")` registers X under "x"; a subclass without a name does not."""
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            add_strategy(name, cls)
+
     def __init__(self, *, weighted: bool = True, head_modules: list[str] | None = None, seed: int = 0) -> None:
         self.weighted = weighted
         self.head_modules = list(head_modules or [])
@@ -118,14 +145,20 @@ class Strategy(ABC):
 
     def download_state(self, model: nn.Module) -> dict[str, Tensor]:
         """The global trainable tensors (what a client loads before training)."""
+        from fedsb.adapter.inject import trainable_state  # slow dependency (torch)
+
         return trainable_state(model, self.head_modules)
 
     def load_global(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+        from fedsb.adapter.inject import load_state  # slow dependency (torch)
+
         load_state(model, dict(state), self.head_modules, strict_keys=False)
 
     def client_start_state(self, model: nn.Module, download: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What a client trains from: the model's trainable tensors, replaced by the downloaded
         values (as decoded, wire dtype included) wherever the download carries that tensor."""
+        from fedsb.adapter.inject import trainable_state  # slow dependency (torch)
+
         state = trainable_state(model, self.head_modules)
         for key, value in download.items():
             if key in state and value.shape == state[key].shape and self.downloads_start_value(key):
@@ -148,10 +181,15 @@ class Strategy(ABC):
         """
 
     def head_keys(self, model: nn.Module) -> list[str]:
+        from fedsb.adapter.inject import head_parameters  # slow dependency (torch)
+
         return list(head_parameters(model, self.head_modules))
 
     def prepare(self, model: nn.Module) -> None:
         """Called once after the adapters exist (e.g. seeded init of LoRA baselines)."""
+        import torch  # slow dependency
+
+        from fedsb.adapter.inject import adapter_layers
         from fedsb.adapter.layer import LoraLinear
 
         g = torch.Generator(device="cpu").manual_seed(self.seed)  # host draw: the same init on every device

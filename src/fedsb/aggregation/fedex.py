@@ -7,17 +7,15 @@ download payload carries it, so the communication accounting counts it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names, no_grad
 
-from fedsb.adapter.inject import adapter_layers
-from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names
-from fedsb.aggregation.registry import register_strategy
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
-@register_strategy("fedex")
-class FedExLoRA(Strategy):
+class FedExLoRA(Strategy, name="fedex"):
     modifies_base = True
     user_level_dp_note = "its server folds mean(B_i A_i), a per-client product the noise on the mean does not cover"
     display_name = "FedEx-LoRA"
@@ -39,6 +37,8 @@ class FedExLoRA(Strategy):
         self._products: dict[str, Tensor] = {}
 
     def add(self, model: nn.Module, update: Mapping[str, Tensor], num_examples: int) -> None:
+        from fedsb.adapter.inject import adapter_layers  # slow dependency (torch)
+
         super().add(model, update, num_examples)
         w = self.client_weight(num_examples)
         for name, layer in adapter_layers(model).items():
@@ -49,8 +49,10 @@ class FedExLoRA(Strategy):
             else:
                 acc.add_(product, alpha=w)
 
-    @torch.no_grad()
+    @no_grad
     def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
+        from fedsb.adapter.inject import adapter_layers  # slow dependency (torch)
+
         mean = self.mean_update()
         download = dict(mean)
         for name, layer in adapter_layers(model).items():
@@ -64,9 +66,11 @@ class FedExLoRA(Strategy):
         self._products = {}
         return download
 
-    @torch.no_grad()
+    @no_grad
     def apply_download(self, model: nn.Module, download: Mapping[str, Tensor], round_index: int, *, fold: bool = True) -> None:
         """A client folds the downloaded residuals into its base weights, exactly as `finish`."""
+        from fedsb.adapter.inject import adapter_layers  # slow dependency (torch)
+
         if not fold:
             return
         for name, layer in adapter_layers(model).items():

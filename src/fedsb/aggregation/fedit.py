@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names
-from fedsb.aggregation.registry import register_strategy
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
-@register_strategy("fedit")
-class FedIT(Strategy):
+class FedIT(Strategy, name="fedit"):
     exact = False
     display_name = "FedIT"
     table_order = 1

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from fedsb.aggregation.base import Direction, Strategy, WireNames
-from fedsb.aggregation.registry import register_strategy
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
-@register_strategy("fedsb")
-class FedSB(Strategy):
+class FedSB(Strategy, name="fedsb"):
     adapter_kind = "lorasb"
     supports_secagg = True  # the server needs only sum_i w_i R_i and sum_i w_i
     display_name = "Fed-SB"

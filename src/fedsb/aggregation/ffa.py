@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from fedsb.aggregation.base import Direction, WireNames, lora_names
 from fedsb.aggregation.fedit import FedIT
-from fedsb.aggregation.registry import register_strategy
 
 
-@register_strategy("ffa")
-class FFALoRA(FedIT):
+class FFALoRA(FedIT, name="ffa"):
     train_a = False
     exact = True  # A is shared, so mean(B_i) A = mean(B_i A)
     display_name = "FFA-LoRA"

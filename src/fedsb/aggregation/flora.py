@@ -5,18 +5,16 @@ into its base weights, and starts the next round from a fresh seeded LoRA init."
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names, no_grad
 
-from fedsb.adapter.inject import adapter_layers
-from fedsb.adapter.layer import LoraLinear
-from fedsb.aggregation.base import Direction, Strategy, WireNames, lora_names
-from fedsb.aggregation.registry import register_strategy
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
 
-@register_strategy("flora")
-class FLoRA(Strategy):
+class FLoRA(Strategy, name="flora"):
     modifies_base = True
     user_level_dp_note = "it stacks every client's factors, so no noisy mean stands between a client and the model"
     display_name = "FLoRA"
@@ -48,8 +46,13 @@ class FLoRA(Strategy):
                 continue
             self._stack.setdefault(key, []).append(value.detach().float())
 
-    @torch.no_grad()
+    @no_grad
     def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
+        import torch  # slow dependency: the declarations above are read without it
+
+        from fedsb.adapter.inject import adapter_layers
+        from fedsb.adapter.layer import LoraLinear
+
         download: dict[str, Tensor] = {}
         g = self._reset_generator(round_index + 1)  # the init of the round that downloads this
         for name, layer in adapter_layers(model).items():
@@ -73,12 +76,17 @@ class FLoRA(Strategy):
 
     def _reset_generator(self, round_index: int) -> torch.Generator:
         """The shared seed of the fresh LoRA init that round `round_index` starts from."""
+        import torch  # slow dependency
+
         return torch.Generator(device="cpu").manual_seed(self.seed * 7919 + round_index)  # same init on every device
 
-    @torch.no_grad()
+    @no_grad
     def apply_download(self, model: nn.Module, download: Mapping[str, Tensor], round_index: int, *, fold: bool = True) -> None:
         """A client merges the downloaded stacks into its base weights and restarts from the
         fresh seeded LoRA, exactly as `finish` did. Round 0's download is the seeded init itself."""
+        from fedsb.adapter.inject import adapter_layers  # slow dependency (torch)
+        from fedsb.adapter.layer import LoraLinear
+
         if round_index == 0:
             return
         g = self._reset_generator(round_index)

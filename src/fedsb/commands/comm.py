@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsb.aggregation.registry import get_strategy
-from fedsb.federated.comm import WIRE_DTYPES
+from fedsb.federated.wire_size import WIRE_ST_DTYPES
 from fedsb.federated.comm_table import BASELINE_RANK, INITS, METHODS, breakeven_rounds, comm_row, comm_table
 from fedsb.federated.shapes import target_shapes
 
@@ -108,8 +108,8 @@ def comm(
         raise typer.BadParameter("give at least one --rank")
     if method != "all" and method not in METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or all")
-    if wire_dtype not in WIRE_DTYPES:
-        raise typer.BadParameter(f"unknown wire dtype {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
+    if wire_dtype not in WIRE_ST_DTYPES:
+        raise typer.BadParameter(f"unknown wire dtype {wire_dtype!r}; choose one of {', '.join(WIRE_ST_DTYPES)}")
     if init not in INITS:
         raise typer.BadParameter(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     try:

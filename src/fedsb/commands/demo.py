@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedsb.adapter.export import atomic_write_json
+from fedsb.rundir import atomic_write_json
 from fedsb.config import config_from_dict
 from fedsb.report import accuracy_vs_bytes_plot, markdown_table, print_summary
 

@@ -45,10 +45,11 @@ def evaluate_command(
     out: Annotated[Optional[Path], typer.Option(help="write the result JSON here")] = None,
 ) -> None:
     """Evaluate a model or a trained adapter; prints accuracy with a 95% interval and throughput."""
+    # Slow dependencies (torch, transformers): only once the command runs.
     from fedsb.adapter.export import load_adapter, read_adapter_config
     from fedsb.adapter.inject import adapter_layers
-    from fedsb.evaluation import evaluate
     from fedsb.models import load_model
+    from fedsb.scoring import EvalSettings, evaluate_task
     from fedsb.tasks import get_task
 
     console = Console()
@@ -65,12 +66,8 @@ def evaluate_command(
                 layer.merge()
     t = get_task(task, **({"protocol": protocol} if protocol else {}))
     examples, positions = choose_subset(t.eval_examples(), limit, subset, seed)
-    custom = getattr(t, "evaluate_model", None)
-    if custom is not None:
-        result = custom(net, tokenizer, examples, batch_size=batch_size, precision=precision)
-    else:
-        result = evaluate(net, tokenizer, t, examples, template=template, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, mode=mode, precision=precision, details=True)  # fmt: skip
+    settings = EvalSettings(batch_size=batch_size, precision=precision, template=template, max_new_tokens=max_new_tokens, mode=mode, details=True)
+    result = evaluate_task(net, tokenizer, t, examples, settings)
     result = {k: v for k, v in result.items() if k != "predictions"}
     console.print(_summary_line(task, result))
     if out is not None:

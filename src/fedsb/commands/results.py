@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from fedsb.adapter.export import atomic_write_bytes, atomic_write_json
+from fedsb.rundir import atomic_write_bytes, atomic_write_json
 from fedsb.report import human_bytes
 
 from fedsb.aggregation import get_strategy, table_order

@@ -16,16 +16,18 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from fedsb.adapter.inject import trainable_state
-from fedsb.config import ExperimentConfig, TrainConfig
 from fedsb.data import Tokenized, bucketed_batches, collate
 from fedsb.progress import progress_bar
 from fedsb.training import StepResult, lr_at, make_optimizer, train_steps, warmup_steps_for
+
+if TYPE_CHECKING:
+    from fedsb.config import ExperimentConfig, TrainConfig
 
 
 @dataclass
@@ -164,7 +166,7 @@ def step_runner(config: ExperimentConfig, noise_multiplier: float | None = None)
     """DP-SGD when `privacy.enabled` (with the client's calibrated noise), else plain steps."""
     if not config.privacy.enabled:
         return SgdSteps()
-    from fedsb.privacy.client import DpSgdSteps
+    from fedsb.privacy.client import DpSgdSteps  # slow dependency (opacus), only for DP runs
 
     if noise_multiplier is None:
         raise ValueError("privacy.enabled: the client's calibrated noise multiplier is required")

@@ -4,7 +4,7 @@ safetensors is used (not pickle) because a server must be able to parse untruste
 payloads safely; `decode` validates a payload completely before anything touches the model.
 `encoded_size` reproduces the safetensors layout analytically so that the communication table
 (`fedsb.federated.comm_table`) reports the exact bytes a real run sends, without allocating
-multi-gigabyte tensors.
+multi-gigabyte tensors; it lives in `fedsb.federated.wire_size`, which needs no torch.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 
 from fedsb.errors import FedsbError
+from fedsb.federated.wire_size import _ST_ITEMSIZE, _layout_size, encoded_size, header_limit  # noqa: F401  (this module's API)
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
-}
+}  # the names and sizes without torch: fedsb.federated.wire_size.WIRE_ST_DTYPES
 
 # safetensors' header names and element sizes of the torch dtypes we may put on the wire.
 _ST_NAME: dict[torch.dtype, str] = {
@@ -42,17 +43,7 @@ _ST_NAME: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_ST_ITEMSIZE: dict[str, int] = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4,
-    "BF16": 2, "F16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-# Order in which safetensors 0.8 lays tensors out: by dtype in this order, then by name
-# (bytewise, which equals Python's code-point order). Verified in tests/test_comm.py.
-_ST_ORDER: tuple[str, ...] = (
-    "U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL",
-)  # fmt: skip
 _FLOAT_ST = frozenset({"F64", "F32", "BF16", "F16"})
-_HEADER_ALIGN = 8
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 # A safetensors header is {name: {"dtype", "shape": [...], "data_offsets": [...]}}: depth 3.
 # Anything much deeper is hostile (5,000 nested '[' overflow json's recursion).
@@ -108,40 +99,6 @@ def encode(
         prepared[name] = t
     md = dict(metadata) if metadata else None
     return safetensors.torch.save(prepared, metadata=md)
-
-
-def _header_json(entries: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
-    """The JSON header safetensors writes for `entries` (name, st dtype, shape), unpadded."""
-    ordered = sorted(entries, key=lambda e: (_ST_ORDER.index(e[1]), e[0]))
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, st_dtype, shape in ordered:
-        nbytes = math.prod(shape) * _ST_ITEMSIZE[st_dtype]
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    # serde_json's compact output == Python's compact json with raw (non-ASCII) UTF-8
-    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _layout_size(entries: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> int:
-    """Exact safetensors blob size: 8-byte length + space-padded header + raw data."""
-    n = len(_header_json(entries, metadata))
-    n += -n % _HEADER_ALIGN
-    data = sum(math.prod(shape) * _ST_ITEMSIZE[dt] for _, dt, shape in entries)
-    return 8 + n + data
-
-
-def encoded_size(
-    shapes: Mapping[str, tuple[int, ...]],
-    dtype: str = "fp32",
-    metadata: Mapping[str, str] | None = None,
-) -> int:
-    """The exact `len(encode(...))` for float tensors of these shapes, without allocating them."""
-    st_dtype = _ST_NAME[_wire_dtype(dtype)]
-    entries = [(name, st_dtype, tuple(int(d) for d in shape)) for name, shape in shapes.items()]
-    return _layout_size(entries, metadata)
 
 
 def _json_depth_exceeds(text: str, limit: int) -> bool:
@@ -250,14 +207,6 @@ def _parse_header_unchecked(data: bytes, max_header: int) -> tuple[dict[str, Any
     for name, info in header.items():
         _check_entry(name, info, data_len)
     return header, metadata
-
-
-def header_limit(shapes: Mapping[str, tuple[int, ...]], dtype: str = "fp32") -> int:
-    """A generous bound on the header of an upload of these tensors (4x the honest header plus
-    64 kB for metadata): parse time stays proportional to what an honest client sends."""
-    st_dtype = _ST_NAME[_wire_dtype(dtype)]
-    honest = len(_header_json([(n, st_dtype, tuple(int(d) for d in s)) for n, s in shapes.items()], None))
-    return 4 * honest + 65_536
 
 
 def decode(

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from fedsb.aggregation import Strategy, get_strategy, table_order
 from fedsb.aggregation.base import lora_names
-from fedsb.federated.comm import WIRE_DTYPES, encoded_size
+from fedsb.federated.wire_size import WIRE_ST_DTYPES, encoded_size
+from fedsb.sketch_protocol import communication_cost
 from fedsb.federated.shapes import ModelShape
 
 Direction = Literal["up", "down"]
@@ -97,8 +98,6 @@ def one_time_bytes(
         return {}
     out = {"init_broadcast": clients * encoded_size(init_broadcast_shapes(modules, rank), wire_dtype)}
     if init == "federated":
-        from fedsb.init.federated import communication_cost  # lazy: fedsb.init pulls in the adapters
-
         cost = communication_cost(
             {name: (d_out, d_in) for name, d_out, d_in in modules},
             rank=rank, oversample=oversample, power_iters=power_iters, dtype=wire_dtype,
@@ -127,8 +126,8 @@ def comm_row(
     power_iters: int = 0,
 ) -> dict[str, Any]:
     """One table row: paper-style parameter counts and exact wire bytes for `rounds` rounds."""
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose one of {sorted(WIRE_DTYPES)}")
+    if wire_dtype not in WIRE_ST_DTYPES:
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose one of {sorted(WIRE_ST_DTYPES)}")
     if rank < 1 or clients < 1 or rounds < 0:
         raise ValueError(f"need rank >= 1, clients >= 1, rounds >= 0; got {rank}, {clients}, {rounds}")
     n, n_paper = comm_params(shape, method, rank, clients)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsb.config import ConfigError
+from fedsb.config_types import ConfigError
 from fedsb.tasks.io import DataFileError
 
 DATA_SUFFIXES = (".jsonl", ".json")

@@ -274,25 +274,14 @@ def run_round(fed: Federation, round_index: int, download: bytes, ledger: comm.C
 
 
 def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, Any]:
-    cfg = fed.config.task
-    custom = getattr(task, "evaluate_model", None)
-    if custom is not None:
-        run = {"template": fed.template, "max_new_tokens": cfg.max_new_tokens, "max_length": fed.config.train.max_length} if getattr(task, "takes_run_settings", False) else {}
-        result = custom(fed.model, fed.tokenizer, examples, batch_size=cfg.eval_batch_size, precision=fed.precision, **run)
-    else:
-        from fedsb.evaluation import evaluate, task_template
+    from fedsb.scoring import EvalSettings, evaluate_task
 
-        result = evaluate(
-            fed.model,
-            fed.tokenizer,
-            task,
-            examples,
-            template=task_template(task, cfg.template),
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            mode=cfg.eval_mode,
-            precision=fed.precision,
-        )
+    cfg = fed.config.task
+    settings = EvalSettings(
+        batch_size=cfg.eval_batch_size, precision=fed.precision, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+        mode=cfg.eval_mode, max_length=fed.config.train.max_length,
+    )  # fmt: skip
+    result = evaluate_task(fed.model, fed.tokenizer, task, examples, settings)
     return {k: v for k, v in result.items() if k != "predictions"}
 
 

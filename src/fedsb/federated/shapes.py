@@ -3,7 +3,9 @@
 Communication depends only on (d_out, d_in) of every adapted layer and on the trained head,
 so the table for a 9B model is computed by instantiating it on the meta device (no memory,
 no download) and walking its linear layers. Built-in configs are embedded here so that the
-numbers are reproducible offline.
+numbers are reproducible offline, and their linear layers are laid out by `builtin_layers`
+without torch (so `fedsb comm --model-shape NAME` starts fast); tests/test_comm_table.py checks
+that layout against the meta model.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Task = Literal["causal", "seq_cls"]
 
@@ -93,6 +96,8 @@ def _infer_task(cfg: Mapping[str, Any]) -> Task:
 
 def _linear_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     """(d_out, d_in) of an nn.Linear or a GPT-2 style Conv1D, else None."""
+    import torch  # slow dependency (called only with a model built)
+
     if isinstance(module, torch.nn.Linear):
         return module.out_features, module.in_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -118,12 +123,54 @@ def target_shapes(
         targets = DEFAULT_TARGETS.get(name, BERT_TARGETS if _infer_task(cfg) == "seq_cls" else LLM_TARGETS)
     task = task or _infer_task(cfg)
     cfg.setdefault("num_labels", num_labels)
+    if cfg == {**BUILTIN_CONFIGS.get(name, {}), "num_labels": cfg["num_labels"]}:
+        preset = _builtin_shape(name, cfg, tuple(targets), task)
+        if preset is not None:
+            return preset
     shape = _shapes_cached(name, json.dumps(cfg, sort_keys=True), tuple(targets), task)
     return replace(shape, modules=list(shape.modules), head_shapes=dict(shape.head_shapes))  # callers may mutate
 
 
+_DECODER_TYPES = frozenset({"llama", "mistral", "gemma2"})
+
+
+def builtin_layers(cfg: Mapping[str, Any], task: Task) -> tuple[list[tuple[str, int, int]], dict[str, tuple[int, ...]]] | None:
+    """Every linear layer (name, d_out, d_in) in `named_modules` order and the head's parameter
+    shapes, as transformers builds them, for the built-in architectures (None for others)."""
+    h, inter, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    if cfg["model_type"] in _DECODER_TYPES and task == "causal":
+        head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+        q, kv = cfg["num_attention_heads"] * head_dim, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
+        per_layer = [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                     ("self_attn.o_proj", h, q), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h),
+                     ("mlp.down_proj", h, inter)]  # fmt: skip
+        layers = [(f"model.layers.{i}.{n}", o, d) for i in range(n_layers) for n, o, d in per_layer]
+        return [*layers, ("lm_head", cfg["vocab_size"], h)], {}
+    if cfg["model_type"] == "bert" and task == "seq_cls":
+        per_layer = [("attention.self.query", h, h), ("attention.self.key", h, h), ("attention.self.value", h, h),
+                     ("attention.output.dense", h, h), ("intermediate.dense", inter, h), ("output.dense", h, inter)]  # fmt: skip
+        layers = [(f"bert.encoder.layer.{i}.{n}", o, d) for i in range(n_layers) for n, o, d in per_layer]
+        labels = cfg["num_labels"]
+        return [*layers, ("bert.pooler.dense", h, h), ("classifier", labels, h)], {"classifier.weight": (labels, h), "classifier.bias": (labels,)}
+    return None
+
+
+def _builtin_shape(name: str, cfg: Mapping[str, Any], targets: tuple[str, ...], task: Task) -> ModelShape | None:
+    laid_out = builtin_layers(cfg, task)
+    if laid_out is None:
+        return None
+    layers, head = laid_out
+    wanted = set(targets)
+    modules = [(n, o, d) for n, o, d in layers if n.rsplit(".", 1)[-1] in wanted]
+    if not modules:
+        raise ValueError(f"no linear layer of {name!r} is named one of {sorted(wanted)}")
+    return ModelShape(name, modules, sum(math.prod(s) for s in head.values()), head)
+
+
 @lru_cache(maxsize=16)
 def _shapes_cached(name: str, cfg_json: str, targets: tuple[str, ...], task: Task) -> ModelShape:
+    """The meta-device model's layers: any config transformers knows (slow: imports torch)."""
+    import torch  # slow dependency: only for a config.json that is not a built-in
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg_dict = json.loads(cfg_json)

@@ -20,6 +20,7 @@ Every message is linear in `U_i`, so the server only ever needs weighted sums: t
 runs unchanged under secure aggregation, and user-level differential privacy is Gaussian noise on
 each sum (`noise_std`) after a per-client norm clip (`clip_norm`). With one client, weight 1 and
 no noise, the arithmetic is exactly that of `svd.randomized_svd`, so the result is identical.
+The message plan and its bytes (shapes only) are in `fedsb.sketch_protocol`, torch-free for `fedsb comm`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedsb.federated.comm import encoded_size
 from fedsb.init import svd
+from fedsb.sketch_protocol import CommunicationCost, Exchange, Shapes, communication_cost, protocol_exchanges, sketch_width  # noqa: F401  (this module's API)
 
 LayerFactor = Callable[[str], Tensor]
-Shapes = dict[str, tuple[int, ...]]
 
 _MASK64 = (1 << 64) - 1
 
@@ -65,16 +65,6 @@ def derive_seed(seed: int, layer_index: int) -> int:
 def layer_generator(seed: int, layer_index: int) -> torch.Generator:
     """The CPU generator from which every party draws the test matrix of one layer."""
     return torch.Generator(device="cpu").manual_seed(derive_seed(seed, layer_index))  # the same sketch on every device
-
-
-def sketch_width(shape: tuple[int, int], rank: int, oversample: int) -> int:
-    """k = min(r + p, d_out, d_in), exactly as `svd.randomized_svd` chooses it."""
-    m, n = shape
-    if rank < 1 or rank > min(m, n):
-        raise ValueError(f"rank {rank} must be in [1, min(d_out, d_in) = {min(m, n)}] for {m}x{n}")
-    if oversample < 0:
-        raise ValueError(f"oversample must be >= 0, got {oversample}")
-    return min(rank + oversample, m, n)
 
 
 # --------------------------------------------------------------------------- client side
@@ -158,84 +148,6 @@ def normalize_weights(weights: Sequence[float], n_clients: int) -> list[float]:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
     total = float(sum(weights))
     return [float(w) / total for w in weights]
-
-
-# --------------------------------------------------------------------------- communication
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One protocol round trip: what the server broadcasts, then what each client uploads."""
-
-    name: str
-    download: Shapes
-    upload: Shapes
-
-
-def protocol_exchanges(
-    layer_shapes: Mapping[str, tuple[int, int]], *, rank: int, oversample: int, power_iters: int
-) -> list[Exchange]:
-    """The message plan, with tensor names "<layer>.Y|W|Z" (uploads) and "<layer>.Q|P" (downloads).
-
-    The first exchange downloads nothing: Omega comes from the shared seed, not the wire.
-    """
-    if power_iters < 0:
-        raise ValueError(f"power_iters must be >= 0, got {power_iters}")
-    widths = {layer: sketch_width(shape, rank, oversample) for layer, shape in layer_shapes.items()}
-
-    def shapes(suffix: str, pick: Callable[[int, int, int], tuple[int, int]]) -> Shapes:
-        return {f"{layer}.{suffix}": pick(*layer_shapes[layer], k) for layer, k in widths.items()}
-
-    def col_basis(m: int, n: int, k: int) -> tuple[int, int]:
-        return (m, k)
-
-    def row_basis(m: int, n: int, k: int) -> tuple[int, int]:
-        return (n, k)
-
-    def projection(m: int, n: int, k: int) -> tuple[int, int]:
-        return (k, n)
-
-    plan = [Exchange("sketch", {}, shapes("Y", col_basis))]
-    for i in range(power_iters):
-        plan.append(Exchange(f"power{i}_left", shapes("Q", col_basis), shapes("W", row_basis)))
-        plan.append(Exchange(f"power{i}_right", shapes("P", row_basis), shapes("Y", col_basis)))
-    plan.append(Exchange("project", shapes("Q", col_basis), shapes("Z", projection)))
-    return plan
-
-
-def _message_bytes(shapes: Shapes, dtype: str) -> int:
-    """Bytes of one safetensors message; an empty message is not sent at all."""
-    return encoded_size(shapes, dtype) if shapes else 0
-
-
-@dataclass(frozen=True)
-class CommunicationCost:
-    """Per-client traffic of the whole protocol (every client sends and receives the same)."""
-
-    upload_bytes_per_client: int
-    download_bytes_per_client: int
-    rounds: int
-
-
-def communication_cost(
-    layer_shapes: Mapping[str, tuple[int, int]],
-    *,
-    rank: int,
-    oversample: int = 10,
-    power_iters: int = 0,
-    dtype: str = "fp32",
-) -> CommunicationCost:
-    """Bytes each client uploads and downloads, from shapes alone (no tensors needed).
-
-    Upload payload per layer is (d_out + d_in) * k * (1 + power_iters) numbers, against
-    d_out * d_in for sending U_i itself.
-    """
-    plan = protocol_exchanges(layer_shapes, rank=rank, oversample=oversample, power_iters=power_iters)
-    return CommunicationCost(
-        upload_bytes_per_client=sum(_message_bytes(x.upload, dtype) for x in plan),
-        download_bytes_per_client=sum(_message_bytes(x.download, dtype) for x in plan),
-        rounds=len(plan),
-    )
 
 
 # --------------------------------------------------------------------------- simulation driver

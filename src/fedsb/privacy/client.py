@@ -12,15 +12,18 @@ with its `ClientState` and goes back out with this round's steps added.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from fedsb.data import collate
-from fedsb.federated.client import ClientData, ClientState, LocalPlan
 from fedsb.privacy.engine import PrivateSession
 from fedsb.training import StepResult
+
+if TYPE_CHECKING:  # the client path calls this runner, not the other way round: no import circle
+    from fedsb.federated.client import ClientData, ClientState, LocalPlan
 
 
 @dataclass(frozen=True)
@@ -68,4 +71,4 @@ class DpSgdSteps:
         with session:
             stats = session.train(steps=plan.steps, make_batch=make_batch, lr_for_step=lr_for_step, first_step=round_index * plan.steps, on_step=on_step)
         history = [list(e) for e in session.history]
-        return StepResult(steps=stats.steps, mean_loss=stats.mean_loss, tokens=stats.tokens), ClientState(optimizer=state.optimizer, privacy_history=history)
+        return StepResult(steps=stats.steps, mean_loss=stats.mean_loss, tokens=stats.tokens), replace(state, privacy_history=history)

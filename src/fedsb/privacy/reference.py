@@ -23,6 +23,7 @@ from fedsb.federated.client import ClientData
 from fedsb.models import load_model
 from fedsb.privacy.accounting import calibrate_noise, default_delta, epsilon_of, poisson_sample_rate
 from fedsb.privacy.engine import PrivateSession
+from fedsb.scoring import EvalSettings, evaluate_task
 from fedsb.tasks import get_task
 from fedsb.training import make_optimizer, train_steps
 
@@ -62,7 +63,8 @@ def run_reference(cfg: ExperimentConfig, kind: str, *, lr: float | None = None) 
     optimizer = make_optimizer(params, lr, t.weight_decay)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     summary: dict[str, Any] = {"reference": kind, "steps": steps, "trainable_parameters": sum(p.numel() for p in params)}
-    before = task.evaluate_model(model, tok, evals, batch_size=cfg.task.eval_batch_size, precision=t.precision)
+    eval_settings = EvalSettings(batch_size=cfg.task.eval_batch_size, precision=t.precision)
+    before = evaluate_task(model, tok, task, evals, eval_settings)
     if cfg.privacy.enabled:
         n, logical = len(items), t.batch_size * t.grad_accum
         q = poisson_sample_rate(n, logical)
@@ -83,7 +85,7 @@ def run_reference(cfg: ExperimentConfig, kind: str, *, lr: float | None = None) 
             first_step=0, max_grad_norm=t.max_grad_norm, precision=t.precision,
         )  # fmt: skip
         summary.update(epsilon=None, train_loss=res.mean_loss)
-    after = task.evaluate_model(model, tok, evals, batch_size=cfg.task.eval_batch_size, precision=t.precision)
+    after = evaluate_task(model, tok, task, evals, eval_settings)
     summary.update(
         accuracy_before=before["accuracy"],
         accuracy_after=after["accuracy"],

@@ -1,14 +1,22 @@
 """The task interface: where data comes from, how a prompt looks, how an answer is scored.
 
+A task declares what its evaluation is (`output_type`, `heldout_loss`); the model loops that
+run it are the evaluator's (`fedsb.scoring`), never the task's.
+
 A new task is one file that subclasses `Task` and registers itself with `@register_task`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, get_type_hints
+
+from fedsb.config_types import ConfigError, check_type
 
 # What a task's evaluation does, as lm-evaluation-harness names it: generate text and grade it,
 # rank fixed options by log-likelihood, or predict a class with a classifier head.
@@ -67,6 +75,8 @@ class Task(ABC):
     # Text appended to the prompt before ranking options by log-likelihood (e.g. the fixed
     # "the correct answer is" that precedes the label in LLM-Adapters responses).
     loglik_prefix: ClassVar[str] = ""
+    # Also evaluated by held-out loss and perplexity (the user's own SFT data; `fedsb.scoring`).
+    heldout_loss: ClassVar[bool] = False
 
     @classmethod
     def check_options(cls, options: dict[str, Any], key: str) -> dict[str, Any]:
@@ -88,6 +98,15 @@ class Task(ABC):
 
 
 _REGISTRY: dict[str, type[Task]] = {}
+_NOT_TASKS = frozenset({"base", "io", "prompts"})  # modules of fedsb.tasks that define no task
+
+
+def _discover() -> None:
+    """Import every task module of this package once (each registers its tasks); by file, so
+    that this module need not import the package that imports it."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name not in _NOT_TASKS:
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -101,8 +120,6 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def check_options(options_cls: type, options: dict[str, Any], key: str, owner: str) -> dict[str, Any]:
     """The generic check behind Task.check_options, against the dataclass `options_cls`."""
-    from fedsb.config import ConfigError, _check_type
-
     fields = {f.name: f for f in dataclasses.fields(options_cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
@@ -111,7 +128,7 @@ def check_options(options_cls: type, options: dict[str, Any], key: str, owner: s
     out = {}
     for name, f in fields.items():
         if name in options:
-            out[name] = _check_type(f"{key}.{name}", options[name], hints[name])
+            out[name] = check_type(f"{key}.{name}", options[name], hints[name])
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}.{name} is required for {owner}")
     return out
@@ -120,9 +137,7 @@ def check_options(options_cls: type, options: dict[str, Any], key: str, owner: s
 def validate_task_options(task_name: str, options: dict[str, Any], key: str = "task.options") -> dict[str, Any]:
     """Config-time check of a task's options: a typo or a wrong type is a ConfigError naming
     the key, rather than a TypeError from the constructor once the run has started."""
-    from fedsb import tasks as _tasks  # noqa: F401  (imports every task module)
-    from fedsb.config import ConfigError
-
+    _discover()
     if task_name not in _REGISTRY:
         raise ConfigError(f"{key}: unknown task {task_name!r}; available: {', '.join(sorted(_REGISTRY))}")
     if not isinstance(options, dict):
@@ -131,7 +146,7 @@ def validate_task_options(task_name: str, options: dict[str, Any], key: str = "t
 
 
 def get_task(name: str, **options: Any) -> Task:
-    from fedsb import tasks as _tasks  # noqa: F401  (imports every task module)
+    _discover()
 
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(_REGISTRY))}")
@@ -139,6 +154,6 @@ def get_task(name: str, **options: Any) -> Task:
 
 
 def task_names() -> list[str]:
-    from fedsb import tasks as _tasks  # noqa: F401
+    _discover()
 
     return sorted(_REGISTRY)

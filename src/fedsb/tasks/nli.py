@@ -18,11 +18,8 @@ from __future__ import annotations
 import math
 import random
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
-
-import torch
 
 from fedsb.tasks.base import EvalExample, PairExample, Task, register_task
 from fedsb.tasks.io import check_record, load_records, missing_data_error, resolve_local, seeded_subset
@@ -194,40 +191,12 @@ class SNLITask(Task):
         m = re.search("|".join(LABELS), generation.lower())
         return {"correct": m is not None and m.group(0) == example.gold}
 
-    def evaluate_model(self, model: torch.nn.Module, tokenizer: Any, examples: list[PairExample], *, batch_size: int, precision: str) -> dict[str, Any]:
-        """Accuracy of the classifier's argmax, batched by length; Wilson 95% interval."""
-        from fedsb.evaluation import wilson_interval
-        from fedsb.precision import autocast_context
+    def evaluate_model(self, model: Any, tokenizer: Any, examples: list[PairExample], *, batch_size: int, precision: str) -> dict[str, Any]:
+        """Kept for callers of the old API: the evaluator's classify scorer does the work
+        (`fedsb.scoring.evaluate_task` dispatches on `output_type`)."""
+        from fedsb.scoring import classify_accuracy  # slow dependency (torch): only when a model is scored
 
-        start = time.perf_counter()
-        from fedsb.data import collate, tokenize_pair
-
-        device = next(model.parameters()).device
-        encoded = [tokenize_pair(ex, tokenizer, self.max_length) for ex in examples]  # as in training
-        order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        predictions = [0] * len(examples)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(), autocast_context(device, precision):
-                for s in range(0, len(order), batch_size):
-                    idx = order[s : s + batch_size]
-                    batch = collate([encoded[i] for i in idx], pad, classification=True)
-                    logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
-                    for i, p in zip(idx, logits.argmax(-1).tolist()):
-                        predictions[i] = p
-        finally:
-            model.train(was_training)
-        correct = sum(int(p == ex.label) for p, ex in zip(predictions, examples))
-        n = len(examples)
-        return {
-            "accuracy": correct / n if n else None,
-            "n": n,
-            "correct": correct,
-            "ci95": list(wilson_interval(correct, n)),
-            "wall_s": time.perf_counter() - start,
-        }
+        return classify_accuracy(model, tokenizer, examples, max_length=self.max_length, batch_size=batch_size, precision=precision)
 
 
 @register_task("snli-public")

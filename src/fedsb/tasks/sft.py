@@ -13,22 +13,20 @@ falls on the assistant turns (the completion) only, up to and including the end-
 where the template puts none there, the tokenizer's EOS is appended to the final turn and
 carries loss (the pad token is often EOS: it is never masked by id).
 
-Evaluation (`evaluate_model`): held-out loss and perplexity on the same tokens the loss trains,
-an optional answer check (exact match after normalization, or a regex that extracts the answer)
-with a Wilson interval, and a few generations kept for a person to read ("samples").
+Evaluation (`fedsb.scoring.heldout_evaluation`, chosen by `heldout_loss = True`): held-out loss
+and perplexity on the same tokens the loss trains, an optional answer check (exact match after
+normalization, or a regex that extracts the answer) with a Wilson interval, and a few
+generations kept for a person to read ("samples").
 """
 
 from __future__ import annotations
 
-import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
+from fedsb.config_types import ConfigError
 from fedsb.errors import FedsbError
 from fedsb.tasks.base import Task, check_options, register_task
 from fedsb.tasks.io import check_record, iter_records, seeded_subset
@@ -292,12 +290,10 @@ class SftTask(Task):
     Options: ClassVar[type] = SftOptions
     default_template: ClassVar[str] = "raw"
     metric_names: ClassVar[tuple[str, ...]] = ("correct",)
-    takes_run_settings: ClassVar[bool] = True  # evaluate_model gets the run's template, max_new_tokens, max_length
+    heldout_loss: ClassVar[bool] = True  # evaluated by held-out loss and perplexity besides its answer check (fedsb.scoring)
 
     @classmethod
     def check_options(cls, options: dict[str, Any], key: str) -> dict[str, Any]:
-        from fedsb.config import ConfigError
-
         out = check_options(cls.Options, options, key, f"task {cls.name!r}")
         check = out.get("answer_check", "none")
         if check not in ANSWER_CHECKS:
@@ -334,9 +330,7 @@ class SftTask(Task):
 
     def train_examples(self, limit: int | None = None, seed: int = 0) -> list[SftExample]:
         if self.options.path is None:
-            from fedsb.config import ConfigError
-
-            raise ConfigError("task 'sft' needs task.options.path (a .jsonl/.json file) or federation.client_data")
+                raise ConfigError("task 'sft' needs task.options.path (a .jsonl/.json file) or federation.client_data")
         return seeded_subset(read_sft_file(self.options.path), limit, seed)
 
     def eval_examples(self, limit: int | None = None, seed: int = 0) -> list[SftExample]:
@@ -356,84 +350,12 @@ class SftTask(Task):
         gold = example.gold if gold is None else gold  # a plain answer ("42") under an extracting regex
         return {"correct": got is not None and normalize_answer(got) == normalize_answer(gold)}
 
-    def evaluate_model(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        examples: list[SftExample],
-        *,
-        batch_size: int = 16,
-        precision: str = "auto",
-        template: str | None = None,
-        max_new_tokens: int | None = None,
-        max_length: int = 1024,
-    ) -> dict[str, Any]:
-        """Held-out loss / perplexity, the answer check if any, and `num_samples` generations."""
-        from fedsb.evaluation import generate_with_stats, wilson_interval
+    def evaluate_model(self, model: Any, tokenizer: Any, examples: list[SftExample], **settings: Any) -> dict[str, Any]:
+        """Kept for callers of the old API: the evaluator does the work (`fedsb.scoring.heldout_evaluation`,
+        chosen by `heldout_loss`)."""
+        from fedsb.scoring import heldout_evaluation  # slow dependency (torch): only when a model is scored
 
-        tpl = template or self.default_template
-        start = time.perf_counter()
-        loss_sum, tokens = heldout_loss(model, tokenizer, examples, tpl, max_length=max_length, precision=precision)
-        checked = self.options.answer_check != "none"
-        shown = examples if checked else examples[: self.options.num_samples]
-        gens = generate_with_stats(
-            model, tokenizer, [ex.prompt_text(tokenizer, tpl) for ex in shown],
-            max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=batch_size, progress=True, precision=precision,
-        ).texts if shown else []  # fmt: skip
-        scores = [self.score(g, ex) for g, ex in zip(gens, shown)]
-        n = len(examples)
-        loss = loss_sum / tokens if tokens else None
-        out: dict[str, Any] = {
-            "task": self.name,
-            "n": n,
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 700.0)) if loss is not None else None,
-            "eval_tokens": tokens,
-            "loss_sum": loss_sum,
-        }
-        if checked:
-            correct = sum(int(s["correct"]) for s in scores)
-            out.update(correct=correct, accuracy=correct / n if n else None, ci95=list(wilson_interval(correct, n)))
-        out["samples"] = [
-            {"prompt": ex.prompt_text(tokenizer, tpl), "reference": ex.reference, "generation": g, **({"correct": s["correct"]} if checked else {})}
-            for ex, g, s in list(zip(shown, gens, scores if checked else [{}] * len(gens)))[: self.options.num_samples]
-        ]
-        out["wall_s"] = time.perf_counter() - start
-        return out
-
-
-def heldout_loss(model: torch.nn.Module, tokenizer: Any, examples: list[SftExample], template: str, *, max_length: int, precision: str, tokens_per_forward: int = 2048) -> tuple[float, int]:
-    """(summed next-token loss, token count) over the examples' trained tokens (fp32 softmax).
-
-    Rows go through in length order, as many per forward as fit in `tokens_per_forward` padded
-    tokens, so the logits of a 49k vocabulary stay a few hundred MB.
-    """
-    from fedsb.data import collate
-    from fedsb.evaluation import _inference
-
-    if not examples:
-        return 0.0, 0
-    items = sorted((ex.tokenize(tokenizer, template, max_length) for ex in examples), key=len)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with _inference(model, precision, merge=True):
-        i = 0
-        while i < len(items):
-            j = i + 1
-            while j < len(items) and len(items[j]) * (j + 1 - i) <= tokens_per_forward:
-                j += 1
-            batch = {k: v.to(device) for k, v in collate(items[i:j], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += float(nll)
-            count += int((labels != IGNORE_INDEX).sum())
-            i = j
-    return total, count
-
+        return heldout_evaluation(model, tokenizer, self, examples, **settings)
 
 
 # --- generations for a person to read -------------------------------------------------------
@@ -474,7 +396,7 @@ def write_samples(out_dir: str | Path, before: dict[str, Any] | None, after: dic
     text = samples_markdown(before, after)
     if text is None:
         return None
-    from fedsb.adapter.export import atomic_write_bytes
+    from fedsb.rundir import atomic_write_bytes
 
     path = Path(out_dir) / SAMPLES_FILE
     atomic_write_bytes(path, text.encode())
