@@ -30,23 +30,7 @@ SRC = str(Path(__file__).parent.parent / "src")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
 
 
-def write_config(tmp_path: Path, **sections) -> Path:
-    data = json.loads(json.dumps(TINY))
-    data["federation"]["rounds"] = 1
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    path = tmp_path / "tiny.toml"
-    path.write_text(tomli_w.dumps(data))
-    return path
-
-
-def one_line_error(result) -> str:
-    """The output of a failed command: exactly one line, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
+from tests.test_reliability import one_line_error, write_config  # the same tiny config and check
 
 
 def error_line(result) -> str:
