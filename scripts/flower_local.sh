@@ -6,6 +6,10 @@
 #   scripts/flower_local.sh --tls                            # self-signed CA + server certificate
 #   scripts/flower_local.sh --auth                           # TLS + SuperNode key pairs, registered
 #   scripts/flower_local.sh --run-config secagg=true         # Fed-SB through SecAgg+
+#   scripts/flower_local.sh --nodes 3 --config configs/node-data.toml \
+#       --node-data parties/a --node-data parties/b --node-data parties/c
+#                         # node-data mode: node K reads only the K-th folder, the server none
+#                         # (docs/deployment.md)
 #
 # All processes are started and stopped by pid (see src/fedsb/flower/launch.py); logs, certificates
 # and keys are written under <out>/flower-workdir. Recipe and run-config keys: docs/flower.md.

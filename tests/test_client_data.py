@@ -232,7 +232,8 @@ def test_no_samples_file_for_tasks_without_samples(tmp_path):
 def test_both_engines_agree_on_the_parties_files(tmp_path):
     """The same two parties' files through a Flower deployment on loopback (2 SuperNodes in the
     simulation mode: each serves its partition-id's party) and in process: the same adapter.
-    The ServerApp still reads the files here (issue 30 item 1 moves that to the nodes)."""
+    In this mode the ServerApp reads the files too; tests/test_node_data.py runs the node-data
+    mode, where each node reads only its own folder and the ServerApp none."""
     import tomli_w
     from safetensors.torch import load_file
 
@@ -241,7 +242,7 @@ def test_both_engines_agree_on_the_parties_files(tmp_path):
 
     root = three_parties(tmp_path / "p")
     data = tiny_config([str(root / "alpha"), str(root / "beta")])  # absolute paths: the apps run elsewhere
-    data["init"] = {"method": "central", "num_samples": 8, "batch_size": 4, "lr_eff": 1e-5}  # svd is not on Flower yet
+    data["init"] = {"method": "central", "num_samples": 8, "batch_size": 4, "lr_eff": 1e-5}  # the central init (simulation mode only)
     config = tmp_path / "c.toml"
     config.write_text(tomli_w.dumps(data))
     sim = run_experiment(load_config(config), tmp_path / "sim")

@@ -245,7 +245,7 @@ def test_flower_screening_drops_the_hostile_reply_and_keeps_the_others(tmp_path)
     server = FlowerTransport.__new__(FlowerTransport)
     server.config = ExperimentConfig()
     server.folds = False
-    server.settings = SimpleNamespace(outlier_factor=20.0, norm_bound=0.0, update_bound=1.0)
+    server.settings = SimpleNamespace(outlier_factor=20.0, norm_bound=0.0, update_bound=1.0, node_data=False)
     server.events, server.out_dir = [], tmp_path
     # what the screening of the reply fields reads: 3 partitions of 8 examples, 2 steps, nodes 10..12
     server.config.federation.num_clients = 3

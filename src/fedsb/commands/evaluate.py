@@ -43,6 +43,7 @@ def evaluate_command(
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (fp32 to compare with lm-eval)")] = "auto",
     merge: Annotated[bool, typer.Option(help="fold the adapter into the weights first (same accuracy, faster)")] = True,
     out: Annotated[Optional[Path], typer.Option(help="write the result JSON here")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="a task option KEY=VALUE (repeatable), e.g. task sft: eval_path=party-a/eval.jsonl answer_check=regex")] = None,
 ) -> None:
     """Evaluate a model or a trained adapter; prints accuracy with a 95% interval and throughput."""
     # Slow dependencies (torch, transformers): only once the command runs.
@@ -64,7 +65,7 @@ def evaluate_command(
         if merge:
             for layer in adapter_layers(net).values():
                 layer.merge()
-    t = get_task(task, **({"protocol": protocol} if protocol else {}))
+    t = get_task(task, **({"protocol": protocol} if protocol else {}), **task_options(option or []))
     examples, positions = choose_subset(t.eval_examples(), limit, subset, seed)
     settings = EvalSettings(batch_size=batch_size, precision=precision, template=template, max_new_tokens=max_new_tokens, mode=mode, details=True)
     result = evaluate_task(net, tokenizer, t, examples, settings)
@@ -84,11 +85,34 @@ def evaluate_command(
         out.write_text(json.dumps(record, indent=2))
 
 
+def task_options(items: list[str]) -> dict[str, Any]:
+    """`--option KEY=VALUE` items as task options: a TOML value (number, bool, quoted string) or
+    else the text as it is."""
+    import tomllib
+
+    from fedsb.config import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def _summary_line(task: str, result: dict[str, Any]) -> str:
     lo, hi = result.get("ci95", (None, None))
+    if result.get("accuracy") is None:  # e.g. task sft without an answer check: loss and perplexity
+        return f"{task}: held-out loss {result.get('loss')} (perplexity {result.get('perplexity')}) on {result['n']} examples in {result.get('wall_s', 0):.1f} s"
     parts = [f"{task}: {result.get('headline', 'accuracy')} {100 * result['accuracy']:.2f}%"]
     if lo is not None:
         parts.append(f"[95% CI {100 * lo:.1f}-{100 * hi:.1f}]")
+    if result.get("loss") is not None:
+        parts.append(f"held-out loss {result['loss']:.4f}")
     for key, (a, b) in result.get("intervals", {}).items():
         if key != result.get("headline"):
             parts.append(f"({key} {100 * result['metrics'][key]:.2f}% [{100 * a:.1f}-{100 * b:.1f}])")

@@ -38,6 +38,15 @@ class ClientState:
     privacy_history: list[list[float]] | None = None  # its DP-SGD accountant's history
 
 
+def steps_for(num_examples: int, batch_size: int, grad_accum: int, local_epochs: float, local_steps: int) -> int:
+    """Optimizer steps per round of a client with `num_examples` examples (a server that holds
+    no client data computes them from the counts the nodes reported)."""
+    if local_steps > 0:
+        return local_steps
+    micro = math.ceil(local_epochs * math.ceil(num_examples / batch_size))
+    return max(1, math.ceil(micro / grad_accum))
+
+
 @dataclass
 class ClientData:
     client_id: int
@@ -50,10 +59,7 @@ class ClientData:
         return len(self.items)
 
     def steps_per_round(self, batch_size: int, grad_accum: int, local_epochs: float, local_steps: int) -> int:
-        if local_steps > 0:
-            return local_steps
-        micro = math.ceil(local_epochs * math.ceil(self.num_examples / batch_size))
-        return max(1, math.ceil(micro / grad_accum))
+        return steps_for(self.num_examples, batch_size, grad_accum, local_epochs, local_steps)
 
     def batches(self, *, steps: int, batch_size: int, grad_accum: int, pad_id: int, seed: int) -> list[dict[str, Tensor]]:
         """steps * grad_accum micro-batches, length-bucketed, cycling over seeded epochs."""

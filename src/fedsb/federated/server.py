@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ from torch import Tensor, nn
 
 from fedsb.adapter.inject import adapter_layers, inject_adapters, mark_trainable, store_frozen
 from fedsb.aggregation import Strategy, get_strategy
-from fedsb.config import ExperimentConfig
+from fedsb.config import ConfigError, ExperimentConfig
 from fedsb.data import collate, tokenize_all
 from fedsb.federated import comm
-from fedsb.federated.client import ClientData
+from fedsb.federated.client import ClientData, steps_for
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import partition_indices
 from fedsb.init import init_central, init_random, layer_groups
@@ -55,6 +56,8 @@ class Federation:
     privacy: Any = None  # fedsb.privacy.state.PrivacyState when privacy.enabled or privacy.user_level
     # federation.client_data: (party name, its eval examples) per client, evaluated party by party
     party_eval: list[tuple[str, list[Any]]] = field(default_factory=list)
+    # a server without client data (Flower, node-data): evaluation is asked of the nodes
+    remote_eval: Callable[[Federation], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def head_modules(self) -> list[str]:
@@ -83,7 +86,14 @@ class Federation:
         return lr_eff
 
 
-def build_federation(config: ExperimentConfig) -> Federation:
+def build_federation(config: ExperimentConfig, *, party: tuple[str, int] | None = None, counts: Mapping[int, int] | None = None) -> Federation:
+    """The run's model, adapters, strategy and clients' data, built from the config.
+
+    Two builds hold no pooled data (a Flower deployment whose nodes hold their own data):
+    party=(data-path, client id): a node's, with only that party's files as that client
+    (`fedsb.federated.parties.party_client`), the other clients empty; counts={client id:
+    example count}: the server's, data-free (empty clients; steps per round from the counts).
+    """
     cfg = config
     strategy_cls = get_strategy(cfg.federation.strategy)
     placement = resolve_placement(cfg.model.device, cfg.train.precision, cfg.model.frozen_dtype, folds_into_base=strategy_cls.modifies_base)
@@ -91,7 +101,19 @@ def build_federation(config: ExperimentConfig) -> Federation:
     task = get_task(cfg.task.name, **cfg.task.options)
     template = cfg.task.template or getattr(task, "template", None) or getattr(task, "default_template", "alpaca")
     party_eval: list[tuple[str, list[Any]]] = []
-    if cfg.federation.client_data is not None:  # each party's own files, read one party at a time
+    if party is not None or counts is not None:  # no pooled data: one party's own files, or none
+        from fedsb.federated.parties import party_at, party_client
+
+        clients = [ClientData(cid, []) for cid in range(cfg.federation.num_clients)]
+        classification, eval_examples = False, []
+        if party is not None:
+            path, cid = party
+            if not 0 <= cid < len(clients):
+                raise ConfigError(f"partition-id {cid} is outside 0..{len(clients) - 1} (federation.num_clients = {len(clients)})")
+            clients[cid], evals = party_client(path, cid, cfg, task, tokenizer, template)
+            party_eval = [(party_at(path).name, evals)]
+            eval_examples = [(task, evals)] if evals and cfg.task.eval_mode != "none" else []
+    elif cfg.federation.client_data is not None:  # each party's own files, read one party at a time
         from fedsb.federated.parties import party_clients
 
         clients, party_eval = party_clients(cfg, task, tokenizer, template)
@@ -145,6 +167,8 @@ def build_federation(config: ExperimentConfig) -> Federation:
         party_eval=party_eval,
     )
     fed.steps_per_round = {c.client_id: c.steps_per_round(t.batch_size, t.grad_accum, t.local_epochs, t.local_steps) for c in clients}
+    if counts is not None:
+        fed.steps_per_round = {cid: steps_for(int(counts.get(cid, 0)), t.batch_size, t.grad_accum, t.local_epochs, t.local_steps) for cid in range(len(clients))}
     if cfg.privacy.enabled or cfg.privacy.user_level:  # per-client noise calibrated for the whole run
         from fedsb.privacy.state import PrivacyState
 
@@ -185,6 +209,8 @@ def init_batches(fed: Federation) -> list[dict[str, Tensor]]:
         items = tokenize_all(public, fed.tokenizer, fed.template, fed.config.train.max_length)
     else:
         pooled = [it for c in fed.clients for it in c.items]
+        if not pooled:
+            raise ConfigError("init.method = \"central\" with init.data = \"clients\": this server holds no client data (the nodes hold their own); use init.method = \"svd\" or init.data = \"public:<task>\"")
         rng = random.Random(fed.config.seed)
         items = rng.sample(pooled, min(cfg.num_samples, len(pooled)))
     pad = fed.tokenizer.pad_token_id
@@ -287,6 +313,8 @@ def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, A
 
 def evaluate_federation(fed: Federation) -> dict[str, Any]:
     """The headline accuracy (mean over evaluation tasks) and the per-task results."""
+    if fed.remote_eval is not None:  # the nodes evaluate on their own files
+        return fed.remote_eval(fed) if fed.config.task.eval_mode != "none" else {}
     if fed.config.task.eval_mode == "none" or not fed.eval_examples:
         return {}
     if fed.party_eval:  # federation.client_data: each party on its own eval file, then the global figures

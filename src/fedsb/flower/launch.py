@@ -2,6 +2,7 @@
 
     python -m fedsb.flower.launch --nodes 2 --out results/flower-demo [--tls] [--auth]
         [--config configs/x.toml] [--run-config round-timeout=60 ...]
+        [--node-data parties/a --node-data parties/b ...]   # node-data mode: one folder per node
 
 One `flower-superlink` and N `flower-supernode` processes (node K holds `partition-id=K`), a
 private `FLWR_HOME` with a SuperLink connection for the `flwr` CLI, and `flwr run` of this
@@ -172,6 +173,9 @@ class LocalFederation:
     app_dir: Path = REPO_ROOT
     threads: int | None = None  # OMP/torch threads per node process (None: inherit)
     partition_ids: list[int] | None = None
+    # node-data mode: each node's own folder (node K gets data_paths[K]), added to its node config
+    data_paths: list[str] | None = None
+    server_env: dict[str, str] = field(default_factory=dict)  # extra environment of the SuperLink (and so the ServerApp)
     simulation: bool = False  # Flower's simulation runtime (virtual SuperNodes; needs ray)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     port: int = 0
@@ -207,7 +211,8 @@ class LocalFederation:
 
     def _spawn(self, name: str, cmd: list[str], node: bool = False) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(node), cwd=self.workdir)
+        env = self.env(node) if node else {**self.env(), **self.server_env}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         log.close()
         self.procs[name] = proc
         return proc
@@ -264,6 +269,8 @@ class LocalFederation:
         pid = self.partition_ids[index] if self.partition_ids else index
         cache = self.workdir / f"node{index}-cache"
         node_config = f'partition-id={pid} num-partitions={self.num_nodes} cache-dir="{cache}"'
+        if self.data_paths:  # its own data: only this node is told the folder
+            node_config += f" data-path={json.dumps(str(Path(self.data_paths[index]).resolve()))}"
         runtime_port = free_port()
         self.runtime_ports.append(runtime_port)
         cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(runtime_port), "--node-config", node_config]
@@ -387,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     p.add_argument("--simulation", action="store_true", help="Flower's simulation runtime instead of SuperNodes (needs flwr[simulation])")
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--node-data", action="append", default=[], metavar="FOLDER", help="a party's own folder (train.jsonl, eval.jsonl), once per node in partition order; sets node-data = true (node-data mode: the ServerApp reads no client data)")
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -396,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.run_config:
         key, _, raw = item.partition("=")
         run_config[key] = tomllib.loads(f"v = {raw}")["v"] if raw else ""
-    with LocalFederation(out / "flower-workdir", num_nodes=args.nodes, tls=args.tls or args.auth, auth=args.auth, simulation=args.simulation) as fed:
+    if args.node_data:
+        if len(args.node_data) != args.nodes:
+            p.error(f"--node-data given {len(args.node_data)} times for --nodes {args.nodes}: one folder per node")
+        run_config["node-data"] = True
+    with LocalFederation(out / "flower-workdir", num_nodes=args.nodes, tls=args.tls or args.auth, auth=args.auth, simulation=args.simulation, data_paths=args.node_data or None) as fed:
         info = fed.run(run_config, timeout=args.timeout)
     print(json.dumps({"status": info.get("status"), "network-traffic": info.get("network-traffic"), "out": str(out)}, indent=2))
     return 0 if info.get("status") == "finished:completed" else 1

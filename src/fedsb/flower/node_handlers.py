@@ -23,6 +23,7 @@ Four message kinds:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import (
@@ -92,13 +93,21 @@ def setup(msg: Message, context: Context) -> Message:
             raise ValueError("frozen B, A do not match their announced sha256")
         comm.decode(data)  # parse fully (safetensors, finite) before caching it
         cache.put("frozen", data)
-    reply = ConfigRecord(
-        {
-            "partition-id": _partition_id(context),
-            "has-frozen": bool(frozen_sha) and cache.has("frozen", frozen_sha),
-        }
-    )
-    return Message(RecordDict({NODE_RECORD: reply}), reply_to=msg)
+    pid = _partition_id(context)
+    config = cache.config(str(cfg["config-sha256"]))
+    built: list[task.Federation] = []  # built at most once, only when needed
+
+    def fed() -> task.Federation:
+        if not built:
+            built.append(cache.build(config))
+        return built[0]
+
+    if frozen_sha and config.init.method == "svd" and task.needs_frozen_broadcast(config) and not cache.has("frozen", frozen_sha):
+        task.local_factors(cache, fed(), frozen_sha)  # B, A computed here; sent only if they differ
+    fields: dict[str, Any] = {"partition-id": pid, "has-frozen": bool(frozen_sha) and cache.has("frozen", frozen_sha)}
+    if cache.party is not None:  # node-data mode: the server learns this party's counts from here alone
+        fields.update(task.party_counts(fed(), pid))
+    return Message(RecordDict({NODE_RECORD: ConfigRecord(fields)}), reply_to=msg)
 
 
 def init(msg: Message, context: Context) -> Message:
@@ -182,8 +191,34 @@ def _train_secagg(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _party_evaluate(msg: Message, context: Context) -> Message:
+    """Node-data mode: the task's evaluation on this node's own eval file (the base model when
+    the server asks for "base"); only counts go back (`task.party_evaluation`)."""
+    pid = _partition_id(context)
+    cfg = msg.content.config_records[CONFIG_RECORD]
+    cache = task.node_cache(context.node_config)
+    if cfg.get("base"):
+        try:
+            fed, base_id, state = task.init_federation(cache, str(cfg["config-sha256"])), "", None
+        except task.MissingSetup as e:
+            return _missing(msg, str(e))
+    else:
+        ready = _round_federation(msg, context)
+        if isinstance(ready, Message):
+            return ready
+        fed, base_id, download = ready
+        state = task.global_state_from_download(fed, download)
+    result = task.party_evaluation(fed, state)
+    names = {"n": "eval-n", "correct": "eval-correct", "loss_sum": "eval-loss-sum", "eval_tokens": "eval-tokens"}
+    metrics = {names[k]: float(v) for k, v in result.items()}
+    content = RecordDict({METRICS_RECORD: MetricRecord(metrics), NODE_RECORD: ConfigRecord({"partition-id": pid, "base-id": base_id})})
+    return Message(content, reply_to=msg)
+
+
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss of the global adapter on this node's partition (no training, nothing uploaded)."""
+    if msg.content.config_records[CONFIG_RECORD].get("party-eval"):
+        return _party_evaluate(msg, context)
     pid = _partition_id(context)
     ready = _round_federation(msg, context)
     if isinstance(ready, Message):

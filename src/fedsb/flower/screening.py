@@ -66,6 +66,11 @@ class Reply:
     message_seconds: float | None = None
     base_id: str = ""
     privacy_history: list[list[float | int]] | None = None
+    # node-data mode: a party's evaluation on its own eval file (counts only; n = 0: no eval file)
+    eval_n: int | None = None
+    eval_correct: int | None = None
+    eval_loss_sum: float | None = None
+    eval_tokens: int | None = None
 
 
 # --- one checker per field type: raise ValueError with the reason ---------------------------
@@ -136,24 +141,29 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "node-message-seconds": ("message_seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
     "base-id": ("base_id", _base_id),
     "privacy-history": ("privacy_history", _history),
+    "eval-n": ("eval_n", lambda v: _integer(v, 0, MAX_EXAMPLES)),
+    "eval-correct": ("eval_correct", lambda v: _integer(v, 0, MAX_EXAMPLES)),
+    "eval-loss-sum": ("eval_loss_sum", lambda v: _real(v, 0.0, 1e6 * MAX_TOKENS)),
+    "eval-tokens": ("eval_tokens", lambda v: _integer(v, 0, MAX_TOKENS)),
 }
 
 # message kind -> (required fields, optional fields)
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "setup": (("partition-id", "has-frozen"), ("num-examples",)),
+    "setup": (("partition-id", "has-frozen"), ("num-examples", "tokens")),
     "train": (
         ("partition-id", "num-examples", "loss", "steps", "tokens", "seconds"),
         ("base-id", "epsilon", "privacy-history", "node-startup-seconds", "node-message-seconds"),
     ),
     "secagg": (("partition-id", "num-examples", "loss", "steps", "tokens", "seconds"), ()),
     "evaluate": (("partition-id", "num-examples", "loss"), ("base-id",)),
+    "party-eval": (("partition-id", "eval-n"), ("eval-correct", "eval-loss-sum", "eval-tokens", "base-id")),
     "init": ((), ()),
 }
 
 
 def screen_reply(kind: str, fields: Mapping[str, Any], expected: Expected) -> Reply:
     """Check every field of one reply of `kind` ("setup", "train", "secagg", "evaluate",
-    "init"); return them typed, or raise `ReplyError` naming the first bad field.
+    "party-eval", "init"); return them typed, or raise `ReplyError` naming the first bad field.
 
     `fields` holds the reply's metric and node record entries and, under "src-node", the node
     the reply came from. Identity: the sender must be the node the message went to, and its
@@ -189,6 +199,8 @@ def screen_reply(kind: str, fields: Mapping[str, Any], expected: Expected) -> Re
     if claim is not None and want is not None and claim != want:
         what = "weight" if kind == "secagg" else "examples"
         raise ReplyError(f"{kind} reply: claims {claim} {what}, the server fixed {want} for partition {expected.partition}")
+    if reply.eval_correct is not None and reply.eval_correct > (reply.eval_n or 0):
+        raise ReplyError(f"{kind} reply: eval-correct {reply.eval_correct} is more than eval-n {reply.eval_n}")
     if expected.max_steps is not None and reply.steps > expected.max_steps:
         raise ReplyError(f"{kind} reply: {reply.steps} steps, a round has {expected.max_steps}")
     return reply
@@ -200,11 +212,14 @@ def screen_reply(kind: str, fields: Mapping[str, Any], expected: Expected) -> Re
 def fixed_counts(own: Mapping[int, int] | None, reported: Mapping[int, int] | None = None, *, cap: float = COUNT_CAP) -> dict[int, int]:
     """Each partition's example count, fixed before round 1 (the one rule of both modes).
 
-    - `own`: the counts the server holds itself (today the ServerApp builds every partition):
-      used as they are; a reported count may only repeat them (checked by `screen_reply`).
-    - otherwise `reported`, the counts the nodes sent in their setup replies (already screened:
-      integers 1..MAX_EXAMPLES), each capped at `cap` x their median, so that one node's claim
-      cannot take more than a bounded share of the weight however large it is.
+    - `own`: the counts the server holds itself (simulation mode: the ServerApp builds every
+      partition of the shared data set): used as they are; a reported count may only repeat
+      them (checked by `screen_reply`).
+    - otherwise `reported` (node-data mode: the server holds no client data), the counts the
+      nodes sent in their setup replies (already screened: integers 1..MAX_EXAMPLES, so 0, a
+      negative count or 10**9 is refused before it gets here), each capped at `cap` x
+      their median, so that one node's claim cannot take more than a bounded share of the
+      weight however large it is.
     """
     if own is not None:
         return {int(p): int(n) for p, n in own.items()}

@@ -113,8 +113,8 @@ def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
             "ServerApp on every partition (and the nodes' accountants would not see it); use init.data = 'public:<task>' "
             "or init.method = 'random'"
         )
-    if strategy.adapter_kind == "lorasb" and config.init.method == "svd":
-        out.append('init.method = "svd": the nodes would need the digest exchange of fedsb.init.one_time, which the ServerApp does not send yet (it broadcasts B and A)')
+    if settings.node_data:
+        out.extend(node_data_refusals(config))
     if strategy.adapter_kind == "lorasb" and config.init.broadcast_dtype == "int8":
         out.append('init.broadcast_dtype = "int8": the ServerApp\'s setup message carries B and A in a safetensors wire dtype (fp32, bf16, fp16), not int8 with row scales')
     if settings.secagg:
@@ -126,6 +126,29 @@ def refusals(config: ExperimentConfig, settings: task.RunSettings) -> list[str]:
             out.append('secagg = true with init.method = "federated": the init\'s sketch exchanges are plain messages, not SecAgg+')
         if config.privacy.user_level:
             out.append("secagg = true with privacy.user_level: each client's update is clipped by the server before the sum, which SecAgg+ hides from it")
+    return out
+
+
+def node_data_refusals(config: ExperimentConfig) -> list[str]:
+    """What `node-data = true` (every node reads its own data-path, the server none) refuses:
+    anything that would read client data at the server, and what is not wired for it yet."""
+    out: list[str] = []
+    lorasb = get_strategy(config.federation.strategy).adapter_kind == "lorasb"
+    if config.federation.client_data is not None:
+        out.append("node-data = true with federation.client_data: the ServerApp would read the parties' files; remove it (each node names its own data-path)")
+    given = [k for k in ("path", "eval_path") if config.task.options.get(k)]
+    if given:
+        out.append(f"node-data = true with task.options.{given[0]}: the ServerApp would read that file; each node reads its own data-path")
+    if lorasb and config.init.method == "central" and not config.init.data.startswith("public:"):
+        out.append('node-data = true with init.method = "central": that init reads a sample of the clients\' data at the server; use init.method = "svd" (data-free) or init.data = "public:<task>"')
+    if lorasb and config.init.method == "federated":
+        out.append('node-data = true with init.method = "federated": not wired for nodes with their own data yet; use init.method = "svd"')
+    if config.privacy.enabled or config.privacy.user_level:
+        out.append("node-data = true with privacy: the accountants are calibrated from every client's count at build time, not wired for node-reported counts yet")
+    if config.task.eval_init:
+        out.append("node-data = true with task.eval_init: the nodes evaluate after they hold B and A, which the init evaluation would precede")
+    if config.task.eval_tasks:
+        out.append("node-data = true with task.eval_tasks: each node evaluates on its own eval file; remove task.eval_tasks")
     return out
 
 
@@ -187,6 +210,11 @@ class FlowerTransport:
         self._catchup: tuple[str, bytes, str] | None = None  # (base id, payload, sha256)
         self.fed: Federation | None = None
         self.reported: dict[int, int] = {}  # example counts nodes sent in their setup replies (screened)
+        self.reported_tokens: dict[int, int] = {}  # node-data mode: their training tokens (the ledger's token counts)
+        self.started = False  # transport.start ran: evaluations are of the global adapter, not the base
+        self.eval_at: tuple[int, bytes] | None = None  # (round, download) the next party evaluation uses
+        self.said_skipped = False
+        self.svd_fallbacks = 0  # init.method = "svd": nodes whose own factors did not match (sent the server's)
 
     # --- logging -------------------------------------------------------------------------
 
@@ -201,8 +229,9 @@ class FlowerTransport:
     # --- what the server fixes before reading replies -------------------------------------
 
     def counts(self) -> dict[int, int]:
-        """Each partition's example count (`screening.fixed_counts`): the server's own today."""
-        own = {c.client_id: c.num_examples for c in self.fed.clients} if self.fed is not None else None
+        """Each partition's example count (`screening.fixed_counts`): the server's own in the
+        simulation mode; in node-data mode the nodes' screened setup counts, capped."""
+        own = {c.client_id: c.num_examples for c in self.fed.clients} if self.fed is not None and not self.settings.node_data else None
         return screening.fixed_counts(own, self.reported)
 
     def weights(self, fed: Federation) -> dict[int, int]:
@@ -252,7 +281,7 @@ class FlowerTransport:
         if with_frozen and self.frozen is not None:
             content[FROZEN_RECORD] = codec.payload_record(self.frozen)
             if self.resending:  # the first broadcast is counted by initialize_adapter, as in simulation
-                self.ledger.record_one_time("init_rebroadcast", len(self.frozen))
+                self.ledger.record_one_time("init_broadcast_fallback" if self.config.init.method == "svd" else "init_rebroadcast", len(self.frozen))
         return Message(content, dst_node_id=node_id, message_type=SETUP_MESSAGE_TYPE, ttl=self.settings.discovery_timeout + 60)
 
     def _setup(self, node_ids: list[int], with_frozen: bool) -> None:
@@ -269,12 +298,17 @@ class FlowerTransport:
                 self._event("bad-setup", node=nid, reason=str(e) if isinstance(e, PayloadError) else _one_line(e))
                 continue
             pid = int(info.partition)  # type: ignore[arg-type]  (required field)
+            if self.settings.node_data and info.num_examples is None:
+                self._event("bad-setup", node=nid, partition=pid, reason="node-data = true: the setup reply has no num-examples (start the node with --node-config 'data-path=...')")
+                continue
             if info.num_examples is not None:
-                own = self.counts().get(pid) if self.fed is not None else None
+                # simulation: the server's own count; node-data: what the node reported first (fixed)
+                own = self.reported.get(pid) if self.settings.node_data else self.counts().get(pid) if self.fed is not None else None
                 if own is not None and info.num_examples != own:
                     self._event("bad-setup", node=nid, partition=pid, reason=f"claims {info.num_examples} examples, the server holds {own}")
                     continue
                 self.reported[pid] = info.num_examples
+                self.reported_tokens[pid] = info.tokens
             if pid in self.node_of and self.node_of[pid] != nid:
                 self._event("duplicate-partition", node=nid, partition=pid, kept=self.node_of[pid])
                 continue
@@ -288,12 +322,15 @@ class FlowerTransport:
             self._event("setup-timeout", node=nid)
         self.resending = True
         if lacking and not with_frozen:
+            if self.config.init.method == "svd":  # their own B, A hash differently: they get the server's
+                self.svd_fallbacks += len(lacking)
+                self._event("init-fallback", nodes=sorted(lacking), reason="the node's own svd factors do not match the server's sha256")
             self._setup(lacking, with_frozen=True)
 
     # --- one round -----------------------------------------------------------------------
 
-    def _round_message(self, pid: int, round_index: int, download: bytes, message_type: str) -> Message:
-        fields: dict[str, Any] = {"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha}
+    def _round_message(self, pid: int, round_index: int, download: bytes, message_type: str, **extra: Any) -> Message:
+        fields: dict[str, Any] = {"round": round_index, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha, **extra}
         content = RecordDict({DOWNLOAD_RECORD: codec.payload_record(download)})
         if self.folds:
             fields.update({"base-from": self.base_prev, "base-id": self.base_id, "base-round": self.base_round})
@@ -561,6 +598,68 @@ class FlowerTransport:
             count += int(info.num_examples)  # type: ignore[arg-type]
         return {"loss": total / count if count else None, "nodes": len(ex.replies)}
 
+    # --- node-data mode: discovery first, evaluation on the nodes' own files --------------
+
+    def discover(self) -> dict[int, int]:
+        """Node-data mode, before the server builds its (data-free) federation: send the config,
+        learn which partition each node holds and its screened example count; every partition
+        must answer (its count sets the weights and steps). Returns the fixed counts."""
+        self._setup(self._wait_for_nodes(), with_frozen=False)
+        absent = [pid for pid in range(self.config.federation.num_clients) if pid not in self.reported]
+        if absent:
+            raise RoundFailed(f"node-data = true: no SuperNode with its own data answered for partitions {absent} (each needs --node-config 'data-path=... partition-id=K')")
+        counts = self.counts()
+        capped = {pid: n for pid, n in self.reported.items() if counts[pid] != n}
+        self._event("party-counts", examples=dict(sorted(self.reported.items())), tokens=dict(sorted(self.reported_tokens.items())), capped=capped)
+        return counts
+
+    def party_eval(self, fed: Federation) -> dict[str, Any]:
+        """The driver's evaluation in node-data mode: each node evaluates the global adapter
+        (before `start`: the base model) on its own eval file and sends counts only; per-node
+        and example-weighted global figures (`parties.combine_evals`); nodes without an eval
+        file are listed as skipped, nodes that fail as missing."""
+        from fedsb.federated.parties import combine_evals
+
+        nodes = [pid for pid in sorted(self.node_of) if pid not in self.needs_setup]
+        if self.started and self.eval_at is not None:
+            rnd, download = self.eval_at
+            messages = [self._round_message(pid, rnd, download, "evaluate", **{"party-eval": True}) for pid in nodes]
+        else:
+            fields = {"round": -1, "config-sha256": self.config_sha, "frozen-sha256": self.frozen_sha, "party-eval": True, "base": True}
+            messages = [Message(RecordDict({CONFIG_RECORD: ConfigRecord(fields)}), dst_node_id=self.node_of[pid], message_type="evaluate", ttl=self.settings.round_timeout + 60) for pid in nodes]
+        ex = exchange(self.grid, messages, timeout=self.settings.round_timeout)
+        pid_of = {self.node_of[pid]: pid for pid in nodes}
+        per_party: dict[str, dict[str, Any]] = {}
+        skipped: list[str] = []
+        missing: dict[str, str] = {f"partition-{pid}": "no reply within round-timeout" for pid in (pid_of[n] for n in ex.unanswered)}
+        for nid, reply in ex.replies:
+            name = f"partition-{pid_of[nid]}"
+            if reply.has_error():
+                missing[name] = f"client error: {(reply.error.reason.strip().splitlines() or [''])[-1][:300]}"
+                continue
+            try:
+                info = screening.screen_reply("party-eval", _fields(reply, METRICS_RECORD, NODE_RECORD), self._expected(None, pid_of[nid], nid))
+            except Exception as e:
+                missing[name] = f"rejected: {e if isinstance(e, PayloadError) else _one_line(e)}"
+                continue
+            if not info.eval_n:
+                skipped.append(name)
+                continue
+            counts = {"n": info.eval_n, "correct": info.eval_correct, "loss_sum": info.eval_loss_sum, "eval_tokens": info.eval_tokens}
+            counts = {k: v for k, v in counts.items() if v is not None}
+            figures = combine_evals({name: counts})
+            figures.pop("per_party")
+            per_party[name] = {**counts, **figures}
+        for name, reason in sorted(missing.items()):
+            self._event("eval-missing", partition=name, reason=reason)
+        if skipped and not self.said_skipped:
+            self.said_skipped = True
+            self._event("eval-skipped", partitions=sorted(skipped), reason="no eval file")
+        out = combine_evals(dict(sorted(per_party.items())), skipped=sorted(skipped))
+        if missing:
+            out["missing"] = missing
+        return out
+
     # --- FedEx/FLoRA across a server restart ----------------------------------------------
 
     def _download_path(self, digest: str) -> Path:
@@ -624,11 +723,15 @@ class FlowerTransport:
             self.frozen_sha = task.sha256(self.frozen)
         if meta is not None and self.folds:
             download = self._restore_base_chain(meta, fed, int(meta["round"]) + 1)
-        if self.node_of and meta is None:  # set up already (the federated init's exchanges): B, A now
+        # "svd": the nodes compute B, A themselves and check the announced sha256; only a node
+        # whose factors differ asks for them (`_setup`'s second pass, counted as a fallback)
+        local = cfg.init.method == "svd"
+        if self.node_of and meta is None:  # set up already (discovery, the federated init's exchanges): B, A now
             self.resending = False
-            self._setup(sorted(self.node_of.values()), with_frozen=True)
+            self._setup(sorted(self.node_of.values()), with_frozen=not local)
         else:
-            self._setup(self._wait_for_nodes(), with_frozen=meta is None)
+            self._setup(self._wait_for_nodes(), with_frozen=meta is None and not local)
+        self.started = True
         return download
 
     def init_exchange(self, kind: str, broadcast: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
@@ -675,6 +778,7 @@ class FlowerTransport:
 
     def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
         self._advance_base(download, round_index + 1)
+        self.eval_at = (round_index, download)
         extra = {"federated_eval": self.federated_eval(round_index, download)} if self.settings.federated_eval else {}
         log.warning("round %d/%d done", round_index + 1, self.config.federation.rounds)
         return extra
@@ -693,6 +797,8 @@ class FlowerTransport:
                 "message_bytes_down": sum(r.get("flower", {}).get("message_bytes_down", 0) for r in rows),
                 "message_bytes_up": sum(r.get("flower", {}).get("message_bytes_up", 0) for r in rows),
                 "events": len(self.events),
+                **({"svd_fallback_nodes": self.svd_fallbacks} if self.config.init.method == "svd" else {}),
+                **({"node_data": {"examples": {str(p): n for p, n in sorted(self.reported.items())}, "tokens": {str(p): n for p, n in sorted(self.reported_tokens.items())}, "weights_from": "node-reported counts, each capped at 4x their median"}} if self.settings.node_data else {}),
             }
         }
 
@@ -728,7 +834,13 @@ def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict
             restart_failed_start(out_dir)
         transport = FlowerTransport(grid, context, settings, config, out_dir)
         try:
-            return Experiment(config, out_dir, base_eval=base_eval).run(transport, resume=resume)
+            fed = None
+            if settings.node_data:  # the nodes' counts first, then a federation with no client data
+                from fedsb.federated.server import build_federation
+
+                fed = build_federation(config, counts=transport.discover())
+                fed.remote_eval = transport.party_eval
+            return Experiment(config, out_dir, base_eval=base_eval).run(transport, resume=resume, fed=fed)
         except Exception as e:
             transport._event("failed", reason=str(e) if isinstance(e, FedsbError) else _one_line(e))
             raise

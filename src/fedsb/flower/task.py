@@ -69,6 +69,7 @@ class RunSettings:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
     federated_eval: bool = False  # also ask every node for the loss of the global model on its data
+    node_data: bool = False  # deployment mode: every node reads its own `data-path`; the server reads no client data
     base_eval: str = ""  # JSON file with the base model's evaluation from a sibling run (reused, not re-evaluated)
     fault_injection: str = ""  # testing hook: "PID:KIND[@ROUND],..." (see `FAULT_KINDS`)
 
@@ -134,13 +135,19 @@ class NodeCache:
     """Files named by the sha256 of their content, so a node can prove it holds what the
     server means (and a corrupted or swapped file is detected and dropped)."""
 
-    def __init__(self, root: str | Path | None = None, device: str | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, device: str | None = None, party: tuple[str, int] | None = None) -> None:
         if root is None:
             from fedsb.models import cache_dir
 
             root = cache_dir() / "flower"
         self.root = Path(root)
         self.device = device  # the node's `device` setting: where its model runs (None: the server config's)
+        self.party = party  # (its `data-path`, its partition-id): a node with its own data (node-data mode)
+
+    def build(self, config: ExperimentConfig) -> Federation:
+        """This node's Federation: with its own party's files when it has a `data-path`, else
+        the simulation's (the shared data set, sliced by partition-id)."""
+        return build_federation(config, party=self.party) if self.party is not None else build_federation(config)
 
     def config(self, config_sha: str) -> ExperimentConfig:
         """The cached config the server sent, with this node's own `model.device`."""
@@ -234,13 +241,23 @@ def node_cache(node_config: dict[str, Any]) -> NodeCache:
     device = node_config.get("device")
     if device is not None:
         check_device_setting(device, "node-config device")
-    return NodeCache(root, device)
+    party = None
+    if node_config.get("data-path"):
+        if "partition-id" not in node_config:
+            raise ValueError("node-config data-path needs partition-id too (the party's client id: its rank among the parties' names)")
+        party = (str(node_config["data-path"]), int(node_config["partition-id"]))
+    return NodeCache(root, device, party)
 
 
 # --- client side -----------------------------------------------------------------------------
 
-_FEDERATIONS: dict[tuple[str, str], Federation] = {}
-_BASE_IDS: dict[tuple[str, str], str] = {}  # the base id each cached federation's model holds ("" unknown)
+_FEDERATIONS: dict[tuple[str, ...], Federation] = {}
+_BASE_IDS: dict[tuple[str, ...], str] = {}  # the base id each cached federation's model holds ("" unknown)
+
+
+def _key(cache: NodeCache, config_sha: str, frozen_sha: str) -> tuple[str, ...]:
+    """A cached federation's key: the config and B, A, and (node-data) the party it holds."""
+    return (config_sha, frozen_sha) if cache.party is None else (config_sha, frozen_sha, *map(str, cache.party))
 
 
 class MissingSetup(RuntimeError):
@@ -260,16 +277,33 @@ def frozen_state(fed: Federation) -> dict[str, Tensor]:
 
 
 def needs_frozen_broadcast(config: ExperimentConfig) -> bool:
-    """Fed-SB with a data-driven init ships B, A; a seeded random init is recomputed locally."""
+    """Fed-SB whose B, A the node holds in its cache, checked against the server's sha256: a
+    data-driven init ships them; "svd" is computed by the node itself and verified (`local_factors`),
+    shipped only when its hash differs. A seeded random init is recomputed locally."""
     from fedsb.aggregation import get_strategy
 
-    return get_strategy(config.federation.strategy).adapter_kind == "lorasb" and config.init.method in ("central", "federated")
+    return get_strategy(config.federation.strategy).adapter_kind == "lorasb" and config.init.method in ("central", "federated", "svd")
+
+
+def local_factors(cache: NodeCache, fed: Federation, frozen_sha: str) -> bool:
+    """`init.method = "svd"`: compute B, A from this node's own copy of the base model (`fed`,
+    as built) and keep them if they hash to what the server announced (the digest of
+    fedsb.init.one_time); False: they differ (another device or BLAS): the server sends its own."""
+    from fedsb.init.one_time import init_svd
+
+    config = fed.config
+    init_svd(fed.model, seed=config.seed)
+    data = comm.encode(frozen_state(fed), config.init.broadcast_dtype)
+    if sha256(data) != frozen_sha:
+        return False
+    cache.put("frozen", data)
+    return True
 
 
 def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str, *, fresh: bool = False) -> Federation:
     """The node's Federation for this config, built once per process, B and A in place
     (`fresh`: build it again, e.g. to get back the unfolded base)."""
-    key = (config_sha, frozen_sha)
+    key = _key(cache, config_sha, frozen_sha)
     if key in _FEDERATIONS and not fresh:
         return _FEDERATIONS[key]
     config = cache.config(config_sha)
@@ -278,7 +312,7 @@ def client_federation(cache: NodeCache, config_sha: str, frozen_sha: str, *, fre
         frozen = cache.get("frozen", frozen_sha) if frozen_sha else None
         if frozen is None:
             raise MissingSetup(f"frozen B, A {frozen_sha[:12]} are not in the node cache")
-    fed = build_federation(config)
+    fed = cache.build(config)
     if frozen is not None:
         tensors, _ = comm.decode(frozen)
         load_state(fed.model, tensors, strict_keys=False)
@@ -300,7 +334,7 @@ SIGNS_KIND = "init-signs"
 def init_federation(cache: NodeCache, config_sha: str) -> Federation:
     """The node's Federation before any init (adapters as built: what the server's model is
     when the protocol starts), from the cached config."""
-    return build_federation(cache.config(config_sha))
+    return cache.build(cache.config(config_sha))
 
 
 def init_signs(fed: Federation, cache: NodeCache, config_sha: str, partition_id: int) -> dict[str, Tensor]:
@@ -357,7 +391,7 @@ def load_base(fed: Federation, data: bytes) -> None:
             layer.base_layer.weight.copy_(tensors[name])
 
 
-def prepare_base(fed: Federation, cache: NodeCache, key: tuple[str, str], fields: Any, download: bytes, catchup: bytes | None) -> str:
+def prepare_base(fed: Federation, cache: NodeCache, key: tuple[str, ...], fields: Any, download: bytes, catchup: bytes | None) -> str:
     """Bring the model's base to the one the server's message names and apply the download
     (`Strategy.apply_download`); return the base id the node will train on.
 
@@ -405,7 +439,7 @@ def node_federation(cache: NodeCache, fields: Any, download: bytes, catchup: byt
     """The node's Federation, ready for this round: for FedEx/FLoRA with the base the server
     named (returns its id); for the other strategies the base never changes (id "")."""
     config_sha, frozen_sha = str(fields["config-sha256"]), str(fields["frozen-sha256"])
-    key = (config_sha, frozen_sha)
+    key = _key(cache, config_sha, frozen_sha)
     fed = client_federation(cache, config_sha, frozen_sha)
     if not fed.strategy.modifies_base:
         return fed, ""
@@ -468,6 +502,8 @@ def train_partition(
     cache. Returns (tensors, metrics, node fields for the reply)."""
     if not 0 <= partition_id < len(fed.clients):
         raise ValueError(f"partition-id {partition_id} is outside 0..{len(fed.clients) - 1}")
+    if fed.clients[partition_id].num_examples == 0:
+        raise ValueError(f"partition-id {partition_id}: this node holds no training examples for it (node-data: its data-path is another partition's)")
     state = load_client_state(cache, config_sha, partition_id, round_index)
     update = client_round(fed, partition_id, round_index, global_state, state)
     save_client_state(cache, config_sha, partition_id, round_index, update.state)
@@ -507,6 +543,29 @@ def partition_loss(fed: Federation, partition_id: int, global_state: dict[str, T
         count += n
     fed.model.train()
     return total / max(count, 1), count
+
+
+@torch.no_grad()
+def party_evaluation(fed: Federation, global_state: dict[str, Tensor] | None) -> dict[str, Any]:
+    """A node's evaluation of the global adapter (None: the model as built, the base) on its
+    own eval file, with the in-process engine's `evaluate_one`; only the counts leave the node
+    (never its examples or generations). {"n": 0} when it has no eval file."""
+    from fedsb.federated.server import evaluate_one
+
+    evals = fed.party_eval[0][1] if fed.party_eval else []
+    if not evals or fed.config.task.eval_mode == "none":
+        return {"n": 0}
+    if global_state is not None:
+        fed.strategy.load_global(fed.model, global_state)
+    result = evaluate_one(fed, fed.task, evals)
+    return {k: result[k] for k in ("n", "correct", "loss_sum", "eval_tokens") if result.get(k) is not None}
+
+
+def party_counts(fed: Federation, client_id: int) -> dict[str, int]:
+    """What a node with its own data reports at setup (screened by the server): its training
+    examples and their tokens, as its config reads them (limits, max_length)."""
+    client = fed.clients[client_id]
+    return {"num-examples": client.num_examples, "tokens": sum(len(it) for it in client.items)}
 
 
 # --- fault injection (testing and chaos drills only) ----------------------------------------
