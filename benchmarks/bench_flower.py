@@ -65,7 +65,7 @@ def bench_one(nodes: int, rounds: int, rank: int, out: Path, threads: int | None
     import torch
 
     from fedsb.config import load_config
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
     from fedsb.flower.launch import LocalFederation
 
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def bench_one(nodes: int, rounds: int, rank: int, out: Path, threads: int | None
 def secagg_check(out: Path, nodes: int = 3, rounds: int = 2) -> dict[str, Any]:
     """Fed-SB plain vs SecAgg+ on the tiny model: the max |R| error SecAgg+'s quantization adds."""
     from fedsb.config import load_config
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
     from fedsb.flower.launch import LocalFederation
     from fedsb.flower.task import DEMO_CONFIG
 

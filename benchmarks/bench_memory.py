@@ -5,7 +5,7 @@
 Reproduces the issue's run (the packaged SmolLM2-135M, GSM8K, 3 clients x 16 examples, rank 64 on
 all seven projections, max length 256, 1 round, batch 1 x gradient accumulation 4, init on 16
 pooled examples, lr 1e-4 cosine, warm-up 0.02, init.lr_eff 4.17e-4, no evaluation) through
-`fedsb.federated.server.run_experiment`, four times, each in a fresh process:
+`fedsb.federated.experiment.run_experiment`, four times, each in a fresh process:
 
 - before: the code path before issue 19, selected by settings (`model.frozen_dtype = "fp32"`,
   `train.physical_batch = 1`, `init.group_size = 0`, `init.physical_tokens = 0`);

@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedsb.federated.checkpoint import has_checkpoint
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
 
     sweep = load_sweep(args.sweep)
     sweep.set = [*sweep.set, f"federation.rounds={args.rounds}"]

@@ -26,7 +26,7 @@ from test_federation import make_config  # noqa: E402
 
 from fedsb.config import config_from_dict  # noqa: E402
 from fedsb.federated import comm  # noqa: E402
-from fedsb.federated.server import run_experiment  # noqa: E402
+from fedsb.federated.experiment import run_experiment  # noqa: E402
 
 SNLI_ROWS = [
     ("A man plays a guitar .", "A man plays music .", "entailment"),

@@ -41,7 +41,7 @@ def server_side(monkeypatch, data: dict | None = None):
     from fedsb.adapter.inject import trainable_state
     from fedsb.config import config_from_dict
     from fedsb.federated import comm
-    from fedsb.federated.server import build_federation, initialize_adapter
+    from fedsb.federated.federation import build_federation, initialize_adapter
     from fedsb.flower import task
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a ServerApp process has

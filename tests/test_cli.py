@@ -88,15 +88,15 @@ def one_round_tiny_configs(tmp_path):
 
 
 def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_path, monkeypatch):
-    from fedsb.federated import server
+    from fedsb.federated import federation
 
     configs = one_round_tiny_configs(tmp_path)
     doc = tmp_path / "results.md"
     other = "### arithmetic-small\n\n| kept | 1 |\n|---|---|\n"  # another experiment's table: not this call's business
     doc.write_text(f"# Results\n\nprose before\n\n<!-- fedsb results: begin -->\nold\n\n{other}\n<!-- fedsb results: end -->\n\nprose after\n")
     calls = []
-    real = server.evaluate_federation
-    monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
+    real = federation.evaluate_federation
+    monkeypatch.setattr(federation, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
     args = ["results", "--experiment", "tiny", "--strategy", "fedsb", "--strategy", "fedit", "--configs", str(configs),
             "--out", str(tmp_path / "runs"), "--doc", str(doc), "--baseline-rank", "2"]
     result = runner.invoke(app, args)
@@ -116,7 +116,7 @@ def test_results_tables_into_the_marked_section_with_one_base_evaluation(tmp_pat
 def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_held_elsewhere(tmp_path, monkeypatch):
     """A `fedsb results` stopped after the base model's evaluation does not evaluate it again
     when restarted; a strategy whose folder another live process holds is left to it."""
-    from fedsb.federated import experiment, server
+    from fedsb.federated import experiment, federation
     from fedsb.rundir import LOCK_NAME, RunLock
 
     configs = one_round_tiny_configs(tmp_path)
@@ -124,8 +124,8 @@ def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_hel
     args = ["results", "--experiment", "tiny", "--strategy", "fedsb", "--strategy", "fedit", "--configs", str(configs),
             "--out", str(out), "--doc", str(tmp_path / "results.md"), "--baseline-rank", "2"]
     calls = []
-    real = server.evaluate_federation
-    monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
+    real = federation.evaluate_federation
+    monkeypatch.setattr(federation, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
 
     def die(*a, **k):
         raise KeyboardInterrupt("stopped after the base evaluation")
@@ -134,7 +134,7 @@ def test_results_keeps_the_base_evaluation_of_a_run_that_died_and_skips_runs_hel
     assert runner.invoke(app, args).exit_code != 0
     assert calls == [1] and (out / "tiny" / "fedsb" / experiment.BASE_EVAL_FILE).exists()
     monkeypatch.undo()
-    monkeypatch.setattr(server, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
+    monkeypatch.setattr(federation, "evaluate_federation", lambda fed: calls.append(1) or real(fed))
     (out / "tiny" / "fedit").mkdir(parents=True)
     calls.clear()
     with RunLock(out / "tiny" / "fedit"):  # a live holder of fedit (an flock, as another process's would be)

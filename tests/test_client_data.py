@@ -125,7 +125,7 @@ def test_load_party_reads_only_that_party(tmp_path):
 
 
 def test_a_task_file_beside_client_data_is_refused(tmp_path):
-    from fedsb.federated.server import build_federation
+    from fedsb.federated.federation import build_federation
 
     root = three_parties(tmp_path / "p")
     data = tiny_config(str(root))
@@ -158,7 +158,8 @@ def test_combine_evals_is_the_pooled_figure():
 
 
 def test_in_process_run_on_three_parties(tmp_path):
-    from fedsb.federated.server import build_federation, run_experiment
+    from fedsb.federated.federation import build_federation
+    from fedsb.federated.experiment import run_experiment
 
     root = three_parties(tmp_path / "p")
     cfg = config_from_dict(tiny_config(str(root)))
@@ -237,7 +238,7 @@ def test_both_engines_agree_on_the_parties_files(tmp_path):
     import tomli_w
     from safetensors.torch import load_file
 
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
     from fedsb.flower.launch import LocalFederation
 
     root = three_parties(tmp_path / "p")

@@ -20,7 +20,7 @@ from torch.utils._device import _device_constructors
 import fedsb
 from fedsb import precision
 from fedsb.config import ConfigError, config_from_dict
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 from fedsb.precision import DeviceError, resolve_device, resolve_placement
 
 ROOT = os.path.dirname(fedsb.__file__)
@@ -188,7 +188,7 @@ def _run(cfg, out, *, meta: bool = True):
     is built (as `torch.set_default_device("meta")`): any tensor made without a device, by fedsb
     or by what it calls, is then a meta tensor and fails as soon as it meets a real one."""
     from fedsb.federated.experiment import Experiment
-    from fedsb.federated.server import build_federation
+    from fedsb.federated.federation import build_federation
     from fedsb.federated.transport import InProcessTransport
 
     with DeviceTrap() as trap:
@@ -287,7 +287,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.gpu
 @gpu
 def test_gpu_tiny_run_places_everything_on_cuda(tmp_path):
-    from fedsb.federated.server import build_federation
+    from fedsb.federated.federation import build_federation
 
     fed = build_federation(make_config(model={"device": "cuda"}))
     assert {p.device.type for p in fed.model.parameters()} == {"cuda"}

@@ -23,7 +23,7 @@ import tomli_w
 from safetensors.torch import load_file
 
 from fedsb.config import load_config
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 from fedsb.flower.launch import LocalFederation
 from fixtures_flower import TINY, requires_flower
 

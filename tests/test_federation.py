@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedsb.config import config_from_dict
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 
 TINY = {
     "seed": 3,
@@ -114,8 +114,8 @@ def test_federated_init_one_client_equals_central_init(tmp_path):
     """With one client holding all the data and the same sample, both inits give the same factors."""
     from fedsb.adapter.inject import adapter_layers
     from fedsb.federated import comm
-    from fedsb.federated.federated_init import client_init_batches, run_federated_init
-    from fedsb.federated.server import build_federation
+    from fedsb.init.federated_run import client_init_batches, run_federated_init
+    from fedsb.federated.federation import build_federation
     from fedsb.init import init_from_gradients
     from fedsb.init.gradients import estimate_gradients
     from fedsb.init.svd import effective_lr
@@ -136,16 +136,16 @@ def test_federated_init_one_client_equals_central_init(tmp_path):
 def test_accuracy_before_is_the_base_model_and_init_is_scored_apart(tmp_path, monkeypatch):
     """The LoRA-SB init already moves the model; "before" must be the base model, not the init."""
     from fedsb.adapter.inject import adapter_layers
-    from fedsb.federated import server
+    from fedsb.federated import federation
 
     r_norms = []
-    real = server.evaluate_federation
+    real = federation.evaluate_federation
 
     def recording(fed):
         r_norms.append(sum(float(layer.R.weight.norm()) for layer in adapter_layers(fed.model).values()))
         return real(fed)
 
-    monkeypatch.setattr(server, "evaluate_federation", recording)
+    monkeypatch.setattr(federation, "evaluate_federation", recording)
     summary = run_experiment(make_config(task={"eval_init": True}, federation={"rounds": 1}), tmp_path)
     assert r_norms[0] == 0.0  # before: every adapter is a no-op
     assert r_norms[1] > 0.0  # right after the init
@@ -153,7 +153,7 @@ def test_accuracy_before_is_the_base_model_and_init_is_scored_apart(tmp_path, mo
 
 
 def test_init_step_scale_is_configurable_and_a_large_one_warns(tmp_path):
-    from fedsb.federated.server import build_federation
+    from fedsb.federated.federation import build_federation
 
     fed = build_federation(make_config(init={"lr_eff": 2e-5}))
     assert fed.init_lr_eff() == 2e-5
@@ -167,8 +167,8 @@ def test_federated_init_as_exchanges_is_the_in_process_init():
     gives bit for bit the in-process init's factors and counts the same bytes."""
     from fedsb.adapter.inject import adapter_state
     from fedsb.federated import comm
-    from fedsb.federated.federated_init import client_init_message, client_signs, run_federated_init, run_federated_init_exchanges
-    from fedsb.federated.server import build_federation
+    from fedsb.init.federated_run import client_init_message, client_signs, run_federated_init, run_federated_init_exchanges
+    from fedsb.federated.federation import build_federation
 
     cfg = make_config(init={"method": "federated", "power_iters": 1}, federation={"rounds": 1})
     local, ledger_local = build_federation(cfg), comm.CommLedger()

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from fedsb.adapter.inject import trainable_state
 from fedsb.config import config_from_dict
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 from fedsb.flower.launch import LocalFederation
 from fixtures_flower import TINY, requires_flower, server_side
 
@@ -191,7 +191,7 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     from fedsb.config import load_config
     from fedsb.federated import comm
     from fedsb.federated.client import ClientState
-    from fedsb.federated.server import build_federation, initialize_adapter
+    from fedsb.federated.federation import build_federation, initialize_adapter
     from fedsb.federated.transport import client_round
     from fedsb.flower import task
 
@@ -347,7 +347,8 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedsb.federated import comm
-    from fedsb.federated.server import build_federation, initialize_adapter, run_round
+    from fedsb.federated.federation import build_federation, initialize_adapter
+    from fedsb.federated.experiment import run_round
     from fedsb.flower import client_app, codec, protocol, task
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):

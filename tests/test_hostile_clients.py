@@ -122,7 +122,7 @@ def test_adamw_bound_passes_honest_updates_and_refuses_a_huge_one():
     from fedsb.config import config_from_dict
     from fedsb.federated import comm
     from fedsb.federated.client import ClientState
-    from fedsb.federated.server import build_federation, initialize_adapter
+    from fedsb.federated.federation import build_federation, initialize_adapter
     from fedsb.federated.transport import client_round
     from fedsb.federated.validation import adamw_bound, update_norm
     from fedsb.flower import task
@@ -239,7 +239,7 @@ def events(out: Path) -> list[dict]:
 def test_loopback_honest_run_matches_the_in_process_engine(tmp_path, monkeypatch):
     """The harness itself: an honest 1-round run equals `run_experiment` and logs no event."""
     from fedsb.config import load_config
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
     from safetensors.torch import load_file
 
     out = tmp_path / "honest"
@@ -390,10 +390,10 @@ def test_federated_init_reply_that_lies_stops_the_run_cleanly(lie, tmp_path, mon
     """The federated init needs every partition: node 1's sketch message with an extra row, or
     with a NaN, stops the run with a one-line reason and an `init-failed` event, before round 1
     (its folder removed) -- not a traceback from deep inside the init's arithmetic."""
-    from fedsb.federated import federated_init
+    from fedsb.init import federated_run
     from fedsb.flower.server_loop import RoundFailed
 
-    honest = federated_init.client_init_message
+    honest = federated_run.client_init_message
     calls = []
 
     def lying(fed, signs, kind, broadcast):
@@ -404,7 +404,7 @@ def test_federated_init_reply_that_lies_stops_the_run_cleanly(lie, tmp_path, mon
             out[key] = torch.cat([out[key], out[key][:1]]) if lie == "shape" else out[key] * float("nan")
         return out
 
-    monkeypatch.setattr(federated_init, "client_init_message", lying)
+    monkeypatch.setattr(federated_run, "client_init_message", lying)
     out = tmp_path / "init"
     with pytest.raises(RoundFailed, match="federated init .*(other tensors or shapes|NaN or Inf)"):
         run_loopback(tmp_path, out, monkeypatch, config_overrides="init.method='federated' init.power_iters=1")

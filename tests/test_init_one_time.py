@@ -24,7 +24,7 @@ from fedsb.init.one_time import (
 from fedsb.models import tiny_causal_lm
 from test_federation import make_config
 
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 
 
 def _model(rank: int = 4):

@@ -13,7 +13,8 @@ from fedsb.adapter.inject import (
     store_frozen,
 )
 from fedsb.config import config_from_dict
-from fedsb.federated.server import build_federation, run_experiment
+from fedsb.federated.federation import build_federation
+from fedsb.federated.experiment import run_experiment
 from fedsb.init import init_central, layer_groups
 from fedsb.models import tiny_causal_lm
 from fedsb.precision import frozen_dtype

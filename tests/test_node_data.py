@@ -188,7 +188,7 @@ def test_node_data_refuses_what_reads_client_data_at_the_server(tmp_path):
 
 
 def test_a_data_free_federation_holds_no_examples(tmp_path):
-    from fedsb.federated.server import build_federation, init_batches
+    from fedsb.federated.federation import build_federation, init_batches
 
     data = tiny_config(None)
     del data["federation"]["client_data"]
@@ -227,7 +227,7 @@ def test_three_nodes_with_their_own_data_match_the_in_process_run(tmp_path):
     from safetensors.torch import load_file
 
     from fedsb.config import load_config
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
     from fedsb.flower.launch import LocalFederation
 
     root = three_parties(tmp_path / "parties")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedsb.config import config_from_dict
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 from fedsb.physical_batch import plan_physical_batches
 
 

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import fedsb.federated.client as client_path
 from fedsb.adapter.inject import adapter_layers, inject_adapters, mark_trainable, trainable_state
 from fedsb.data import IGNORE_INDEX, tokenize_example
-from fedsb.federated.server import build_federation, run_experiment
+from fedsb.federated.federation import build_federation
+from fedsb.federated.experiment import run_experiment
 from fedsb.init import init_random
 from fedsb.init.svd import effective_lr
 from fedsb.models import char_tokenizer, tiny_causal_lm

@@ -16,7 +16,7 @@ from fedsb.adapter.inject import adapter_layers, inject_adapters, mark_trainable
 from fedsb.adapter.layer import LoraLinear
 from fedsb.config import ConfigError, config_from_dict
 from fedsb.data import collate, tokenize_pair
-from fedsb.federated.server import run_experiment
+from fedsb.federated.experiment import run_experiment
 from fedsb.init import init_random
 from fedsb.models import char_tokenizer, tiny_classifier
 from fedsb.privacy import PrivacyError, calibrate_noise, epsilon_of

@@ -273,7 +273,7 @@ def _run_two_rounds(tmp_path) -> Path:
 
 def test_7_truncated_latest_checkpoint_falls_back_to_the_previous_round(tmp_path):
     from fedsb.federated.checkpoint import CheckpointError, load_checkpoint
-    from fedsb.federated.server import build_federation
+    from fedsb.federated.federation import build_federation
     from fedsb.config import load_config
 
     out = _run_two_rounds(tmp_path)

@@ -75,16 +75,16 @@ def sweep(tmp_path):
 
 
 def _count_runs(monkeypatch):
-    import fedsb.federated.server as server
+    import fedsb.federated.experiment as experiment
 
     calls = []
-    real = server.run_experiment
+    real = experiment.run_experiment
 
     def counting(config, out_dir, **kw):
         calls.append((str(out_dir), kw.get("resume", False)))
         return real(config, out_dir, **kw)
 
-    monkeypatch.setattr(server, "run_experiment", counting)
+    monkeypatch.setattr(experiment, "run_experiment", counting)
     return calls
 
 

@@ -100,7 +100,7 @@ def run(
         out = out or Path("results") / config.stem
     # Slow dependencies (torch, transformers), imported once the arguments and the config are known good.
     from fedsb.federated.checkpoint import checkpoint_round
-    from fedsb.federated.server import run_experiment
+    from fedsb.federated.experiment import run_experiment
 
     with open_run(out, resume=resume is not None, overwrite=overwrite):
         restart = resume is not None and failed_start(out)  # checked under the lock

@@ -80,7 +80,8 @@ def run_rounds(config: Any, *, evaluate: bool = True, log: Callable[[str], None]
     """Build the federation and run its rounds; per-round time split."""
     from fedsb.federated import comm
     from fedsb.federated.exactness import ExactnessMeter
-    from fedsb.federated.server import build_federation, evaluate_federation, initialize_adapter, run_round
+    from fedsb.federated.federation import build_federation, evaluate_federation, initialize_adapter
+    from fedsb.federated.experiment import run_round
     from fedsb.adapter.inject import trainable_state
     from fedsb.bench.memory import peak_rss_bytes, rss_bytes
 

@@ -1,7 +1,7 @@
 """Memory profile of a whole run, per phase: model load, init gradient pass, SVD, client
 training, aggregation, evaluation; peak RSS (and CUDA peak where present) and what holds it.
 
-The run is the real `fedsb.federated.server.run_experiment`, in a fresh child process. Its
+The run is the real `fedsb.federated.experiment.run_experiment`, in a fresh child process. Its
 phases are observed by wrapping, in that child only, the functions that implement them
 (`build_federation`, `fedsb.init.estimate_gradients` / `sign_step_factors`, `train_client`, the
 strategy's `add` / `finish`, `evaluate_federation`): on entry the RSS high-water mark (VmHWM)
@@ -185,7 +185,7 @@ def profile_run(config: dict[str, Any], out_dir: str, threads: int | None = None
     import fedsb.init as init_module
     from fedsb.aggregation import get_strategy
     from fedsb.config import config_from_dict
-    from fedsb.federated import server, transport
+    from fedsb.federated import experiment, federation, transport
 
     rec = PhaseRecorder()
     cfg = config_from_dict(config)
@@ -203,12 +203,12 @@ def profile_run(config: dict[str, Any], out_dir: str, threads: int | None = None
         clients.append(result)
         return result
 
-    real_build, real_train = server.build_federation, transport.client_round
+    real_build, real_train = federation.build_federation, transport.client_round
     strategy_cls = get_strategy(cfg.federation.strategy)
     patches = [
-        (server, "build_federation", rec.wrap("model load", build)),
+        (federation, "build_federation", rec.wrap("model load", build)),
         (transport, "client_round", rec.wrap("client training", train)),
-        (server, "evaluate_federation", rec.wrap("evaluation", server.evaluate_federation)),
+        (federation, "evaluate_federation", rec.wrap("evaluation", federation.evaluate_federation)),
         (init_module, "estimate_gradients", rec.wrap("init gradient pass", init_module.estimate_gradients)),
         (init_module, "sign_step_factors", rec.wrap("init SVD", init_module.sign_step_factors)),
         (strategy_cls, "add", rec.wrap("aggregation", strategy_cls.add)),
@@ -217,7 +217,7 @@ def profile_run(config: dict[str, Any], out_dir: str, threads: int | None = None
     for owner, name, fn in patches:
         setattr(owner, name, fn)
     t_run = time.perf_counter()
-    summary = server.run_experiment(cfg, out_dir)
+    summary = experiment.run_experiment(cfg, out_dir)
     run_wall = time.perf_counter() - t_run
     model = fed_box[0].model
     rec.holders["after the run"] = model_holders(model)

@@ -109,7 +109,7 @@ def plan_cells(methods: list[tuple[str, int]], epsilons: list[float], settings: 
 
 def run_one(config_path: Path, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """One adapter run (a finished one is read back, a half-finished one resumes)."""
-    from fedsb.federated.server import run_or_resume
+    from fedsb.federated.experiment import run_or_resume
 
     return run_or_resume(load_config(config_path, overrides), out_dir)
 

@@ -73,7 +73,7 @@ def results(
 ) -> None:
     """Run each experiment for each strategy; write a markdown table per experiment."""
     from fedsb.config import load_config
-    from fedsb.federated.server import run_or_resume
+    from fedsb.federated.experiment import run_or_resume
     from fedsb.rundir import RunDirError, RunLock
 
     console = Console()

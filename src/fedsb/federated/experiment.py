@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,65 +32,13 @@ from fedsb.adapter.inject import trainable_state
 from fedsb.config import ExperimentConfig, dump_config
 from fedsb.errors import FedsbError
 from fedsb.federated import comm
-from fedsb.federated import server as _server  # build/evaluate looked up at call time (tests and the profiler wrap them)
+from fedsb.federated import federation as _federation  # build/evaluate looked up at call time (tests and the profiler wrap them)
 from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
-from fedsb.federated.client import ClientUpdate
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import sample_clients
-from fedsb.federated.server import Federation, initialize_adapter, summarize
+from fedsb.federated.federation import Federation, initialize_adapter
+from fedsb.federated.transport import InProcessTransport, RunContext, Transport
 from fedsb.rundir import atomic_write_json, publish_result
-
-
-@dataclass
-class RunContext:
-    """What a transport may use of the run: the federation and the ledger it records bytes in."""
-
-    fed: Federation
-    ledger: comm.CommLedger
-
-
-@dataclass
-class RoundExchange:
-    """What a transport returns for one round.
-
-    `updates` is consumed once, in order, by the driver (a generator keeps one client's tensors
-    in memory at a time); `reports` holds every contributing client's numbers once `updates` is
-    consumed (under SecAgg+ the single update is the secure mean and the reports are apart).
-    """
-
-    updates: Iterable[ClientUpdate]
-    reports: list[ClientUpdate] = field(default_factory=list)
-    failures: dict[int, str] = field(default_factory=dict)  # sampled clients without an accepted update
-    seconds: dict[str, float] = field(default_factory=dict)  # transport time split (serialize, exchange, ...)
-    row: dict[str, Any] = field(default_factory=dict)  # extra metrics-row fields (accepted, flower, ...)
-
-
-class Transport(Protocol):
-    """Moves one round's download to the sampled clients and their updates back.
-
-    Optional: `init_exchange(kind, broadcast)` runs one exchange of the federated init's sketch
-    protocol on the clients (`federated_init.InitExchange`); without it the clients' side of the
-    protocol runs in process.
-    """
-
-    engine: str  # "in-process" or "deployment": recorded in the checkpoint and the summary
-    per_client: bool  # False when the server only ever sees an aggregate (SecAgg+): no exactness meter
-
-    def start(self, run: RunContext, download: bytes, meta: dict[str, Any] | None) -> bytes:
-        """Before the first round (meta: the checkpoint's, on resume); returns the download to use."""
-        ...
-
-    def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange: ...
-
-    def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
-        """After aggregation, with the next download; returns extra row fields."""
-        ...
-
-    def checkpoint_meta(self, download: bytes) -> dict[str, Any]: ...
-
-    def after_checkpoint(self, download: bytes) -> None: ...
-
-    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
 def play_round(fed: Federation, transport: Transport, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
@@ -233,7 +180,7 @@ class Experiment:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter()
-        fed = self.fed = fed or _server.build_federation(config)
+        fed = self.fed = fed or _federation.build_federation(config)
         meter = ExactnessMeter() if config.federation.measure_exactness else None
         sha = config_sha256(config)
         meta: dict[str, Any] | None = None
@@ -247,12 +194,12 @@ class Experiment:
             download = comm.encode(_download_from_meta(fed, meta), config.federation.wire_dtype)
         else:
             atomic_write_bytes(self.out_dir / "config.toml", dump_config(config).encode())
-            before = self.base_eval if self.base_eval is not None else _server.evaluate_federation(fed)  # adapters are no-ops
+            before = self.base_eval if self.base_eval is not None else _federation.evaluate_federation(fed)  # adapters are no-ops
             atomic_write_json(self.out_dir / BASE_EVAL_FILE, {"key": base_eval_key(config), "eval": before})  # kept if the run dies
             ledger = comm.CommLedger()
             init_info = initialize_adapter(fed, ledger, getattr(transport, "init_exchange", None))
             if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
-                init_info["eval"] = _server.evaluate_federation(fed)
+                init_info["eval"] = _federation.evaluate_federation(fed)
             state = RunState(round=-1, rows=[], init=init_info, eval_before=before, ledger=ledger)
             download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
         self.ledger = state.ledger
@@ -265,7 +212,7 @@ class Experiment:
                 metrics["config_changes"] = self.config_changes
             every = config.task.eval_every
             if r == config.federation.rounds - 1 or (every and (r + 1) % every == 0):
-                metrics["eval"] = _server.evaluate_federation(fed)
+                metrics["eval"] = _federation.evaluate_federation(fed)
             state.rows.append(metrics)
             state.round = r
             state.privacy = fed.privacy.to_dict() if fed.privacy is not None else None
@@ -339,3 +286,72 @@ def _download_from_meta(fed: Federation, meta: dict[str, Any]) -> dict[str, Tens
         value = state.get(key)
         out[key] = value if value is not None and list(value.shape) == shape else torch.zeros(shape, device="cpu")
     return out
+
+
+# --- one round (in process) -----------------------------------------------------------------
+
+
+def run_round(fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
+    """One in-process round outside an `Experiment` (benchmarks, tests): (metrics, next download)."""
+
+    return play_round(fed, InProcessTransport(), round_index, download, ledger, meter)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    base_eval: dict[str, Any] | None = None,
+    config_changes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a federation in process and write its results folder; returns the summary.
+
+    base_eval: the base model's evaluation from a run with the same model, seed and evaluation
+    settings (another strategy of the same experiment), reused instead of evaluated again.
+    config_changes: what a resumed run changed (`fedsb.rundir.resume_changes`), recorded in the
+    first resumed round's metrics.
+    """
+
+    return Experiment(config, out_dir, base_eval=base_eval, config_changes=config_changes).run(InProcessTransport(), resume=resume)
+
+
+def run_or_resume(config: ExperimentConfig, out_dir: str | Path, *, base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A finished run's summary as it is; otherwise `run_experiment`, continuing from the
+    folder's checkpoint when it has one (the base model's evaluation then comes from it)."""
+    import json
+
+    from fedsb.federated.checkpoint import has_checkpoint
+
+    done = Path(out_dir) / "summary.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    resume = has_checkpoint(out_dir)
+    return run_experiment(config, out_dir, resume=resume, base_eval=None if resume else base_eval)
+
+
+def summarize(config: ExperimentConfig, rows: list[dict[str, Any]], ledger: comm.CommLedger, init_info: dict[str, Any], before: dict[str, Any], seconds: float) -> dict[str, Any]:
+    after = next((r["eval"] for r in reversed(rows) if r.get("eval")), {})
+    errors = [r["exactness_max"] for r in rows if r.get("exactness_max") is not None]
+    return {
+        "strategy": config.federation.strategy,
+        "rank": config.adapter.rank,
+        "clients": config.federation.num_clients,
+        "rounds": config.federation.rounds,
+        "init": init_info,
+        "accuracy_before": before.get("accuracy"),
+        "accuracy_after": after.get("accuracy"),
+        "eval_before": before,
+        "eval_after": after,
+        "upload_bytes_per_client_round": max((r["upload_bytes_per_client"] for r in rows), default=0),
+        "download_bytes_per_client_round": max((r["download_bytes_per_client"] for r in rows), default=0),
+        "one_time_bytes": ledger.total_one_time,
+        "total_bytes": ledger.total,
+        "max_exactness_error": max(errors) if errors else None,
+        "final_train_loss": rows[-1]["train_loss"] if rows else None,
+        "ledger": ledger.to_dict()["totals"],
+        "wall_seconds": seconds,
+    }

@@ -9,14 +9,65 @@ the server's `Strategy.finish`, which is what each client would do with them.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 from fedsb.federated import comm
 from fedsb.federated.client import ClientState, ClientUpdate, LocalPlan, step_runner, train_client
-from fedsb.federated.experiment import RoundExchange, RunContext
-from fedsb.federated.server import Federation
+from fedsb.federated.federation import Federation
+
+
+@dataclass
+class RunContext:
+    """What a transport may use of the run: the federation and the ledger it records bytes in."""
+
+    fed: Federation
+    ledger: comm.CommLedger
+
+
+@dataclass
+class RoundExchange:
+    """What a transport returns for one round.
+
+    `updates` is consumed once, in order, by the driver (a generator keeps one client's tensors
+    in memory at a time); `reports` holds every contributing client's numbers once `updates` is
+    consumed (under SecAgg+ the single update is the secure mean and the reports are apart).
+    """
+
+    updates: Iterable[ClientUpdate]
+    reports: list[ClientUpdate] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)  # sampled clients without an accepted update
+    seconds: dict[str, float] = field(default_factory=dict)  # transport time split (serialize, exchange, ...)
+    row: dict[str, Any] = field(default_factory=dict)  # extra metrics-row fields (accepted, flower, ...)
+
+
+class Transport(Protocol):
+    """Moves one round's download to the sampled clients and their updates back.
+
+    Optional: `init_exchange(kind, broadcast)` runs one exchange of the federated init's sketch
+    protocol on the clients (`federated_run.InitExchange`); without it the clients' side of the
+    protocol runs in process.
+    """
+
+    engine: str  # "in-process" or "deployment": recorded in the checkpoint and the summary
+    per_client: bool  # False when the server only ever sees an aggregate (SecAgg+): no exactness meter
+
+    def start(self, run: RunContext, download: bytes, meta: dict[str, Any] | None) -> bytes:
+        """Before the first round (meta: the checkpoint's, on resume); returns the download to use."""
+        ...
+
+    def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange: ...
+
+    def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
+        """After aggregation, with the next download; returns extra row fields."""
+        ...
+
+    def checkpoint_meta(self, download: bytes) -> dict[str, Any]: ...
+
+    def after_checkpoint(self, download: bytes) -> None: ...
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
 def local_plan(fed: Federation, client_id: int) -> LocalPlan:

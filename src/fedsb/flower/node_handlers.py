@@ -112,7 +112,7 @@ def setup(msg: Message, context: Context) -> Message:
 
 def init(msg: Message, context: Context) -> Message:
     """One exchange of the federated init: this partition's sketch message (never its U_i)."""
-    from fedsb.federated.federated_init import client_init_message
+    from fedsb.init.federated_run import client_init_message
 
     cfg = msg.content.config_records[INIT_RECORD]
     config_sha = str(cfg["config-sha256"])

@@ -51,8 +51,9 @@ from fedsb.config import ConfigError, ExperimentConfig
 from fedsb.federated import comm
 from fedsb.federated.checkpoint import has_checkpoint
 from fedsb.federated.client import ClientState, ClientUpdate
-from fedsb.federated.experiment import Experiment, RoundExchange, RunContext
-from fedsb.federated.server import Federation
+from fedsb.federated.experiment import Experiment
+from fedsb.federated.transport import RoundExchange, RunContext
+from fedsb.federated.federation import Federation
 from fedsb.errors import FedsbError
 from fedsb.federated.validation import PayloadError, adamw_bound, check_norm, clip_to_norm, expected_upload_bytes, update_norm, validate_update
 from fedsb.flower import codec, screening, task
@@ -736,7 +737,7 @@ class FlowerTransport:
 
     def init_exchange(self, kind: str, broadcast: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
         """One exchange of the federated init as `query.init` messages to every partition's
-        node (`federated_init.run_federated_init_exchanges` does the server's arithmetic)."""
+        node (`federated_run.run_federated_init_exchanges` does the server's arithmetic)."""
         if not self.node_of:
             self._setup(self._wait_for_nodes(), with_frozen=False)  # the config; B, A do not exist yet
         n = self.config.federation.num_clients
@@ -836,7 +837,7 @@ def run_server(grid: Grid, context: Context, settings: task.RunSettings) -> dict
         try:
             fed = None
             if settings.node_data:  # the nodes' counts first, then a federation with no client data
-                from fedsb.federated.server import build_federation
+                from fedsb.federated.federation import build_federation
 
                 fed = build_federation(config, counts=transport.discover())
                 fed.remote_eval = transport.party_eval

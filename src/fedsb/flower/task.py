@@ -1,7 +1,7 @@
 """What the Flower apps share with the in-process engine: config, node cache, client training.
 
 Every node builds the *same* `Federation` as the in-process simulation from the same config
-(`fedsb.federated.server.build_federation`: model, tokenized data, partitions, strategy) and
+(`fedsb.federated.federation.build_federation`: model, tokenized data, partitions, strategy) and
 trains its partition with the same `train_client`, so a deployment run and `run_experiment`
 agree to the last bit the hardware allows. The server ships the experiment config's TOML text
 once per node (setup), and the frozen B, A once (init broadcast); the node keeps both in a
@@ -37,7 +37,7 @@ from fedsb.adapter.inject import adapter_layers, load_state, mark_trainable
 from fedsb.config import ConfigError, ExperimentConfig, config_from_dict, dump_config, load_config
 from fedsb.federated import comm
 from fedsb.federated.client import ClientState
-from fedsb.federated.server import Federation, build_federation
+from fedsb.federated.federation import Federation, build_federation
 from fedsb.federated.transport import client_round
 from fedsb.init import init_random
 
@@ -342,7 +342,7 @@ def init_signs(fed: Federation, cache: NodeCache, config_sha: str, partition_id:
     for the protocol's later exchanges (a ClientApp process lives for one message)."""
     from safetensors.torch import load, save
 
-    from fedsb.federated.federated_init import client_signs
+    from fedsb.init.federated_run import client_signs
 
     name = sha256(f"fedsb-init-signs\n{config_sha}\n{partition_id}")
     data = cache.get_named(SIGNS_KIND, name)
@@ -550,7 +550,7 @@ def party_evaluation(fed: Federation, global_state: dict[str, Tensor] | None) ->
     """A node's evaluation of the global adapter (None: the model as built, the base) on its
     own eval file, with the in-process engine's `evaluate_one`; only the counts leave the node
     (never its examples or generations). {"n": 0} when it has no eval file."""
-    from fedsb.federated.server import evaluate_one
+    from fedsb.federated.federation import evaluate_one
 
     evals = fed.party_eval[0][1] if fed.party_eval else []
     if not evals or fed.config.task.eval_mode == "none":

@@ -102,7 +102,7 @@ def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) 
     """Run `cell` unless it is finished or another live process holds it; returns its summary
     (None when someone else has it). An interrupted run continues from its last round."""
     from fedsb.federated.checkpoint import CHECKPOINT_DIR, has_checkpoint
-    from fedsb.federated.server import run_or_resume
+    from fedsb.federated.experiment import run_or_resume
 
     folder = cell_dir(sweep, cell)
     if is_done(sweep, cell):

@@ -34,7 +34,7 @@ from fedsb.progress import progress_bar
 
 if TYPE_CHECKING:
     from fedsb.federated.comm import CommLedger
-    from fedsb.federated.server import Federation
+    from fedsb.federated.federation import Federation
 
 
 def client_init_batches(fed: "Federation", client_index: int, per_client: int) -> list[dict[str, Tensor]]:

@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -23,7 +22,6 @@ from fedsb.config import ConfigError, ExperimentConfig
 from fedsb.data import collate, tokenize_all
 from fedsb.federated import comm
 from fedsb.federated.client import ClientData, steps_for
-from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import partition_indices
 from fedsb.init import init_central, init_random, layer_groups
 from fedsb.init.one_time import init_svd, share_factors
@@ -274,7 +272,7 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
             )
         info.update({"gradient_pass_seconds": timings["gradient pass"], "svd_seconds": timings["svd"], "passes": passes})
     else:
-        from fedsb.federated.federated_init import run_federated_init, run_federated_init_exchanges
+        from fedsb.init.federated_run import run_federated_init, run_federated_init_exchanges
 
         info.update(run_federated_init(fed, ledger) if init_exchange is None else run_federated_init_exchanges(fed, ledger, init_exchange))
     mark_trainable(fed.model, fed.head_modules)
@@ -283,17 +281,6 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
     info.update(share_factors(fed.model, ledger, len(fed.clients), method=cfg.init.method, seed=cfg.seed, broadcast_dtype=cfg.init.broadcast_dtype))
     info["seconds"] = time.perf_counter() - start
     return info
-
-
-# --- one round (in process) -----------------------------------------------------------------
-
-
-def run_round(fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
-    """One in-process round outside an `Experiment` (benchmarks, tests): (metrics, next download)."""
-    from fedsb.federated.experiment import play_round
-    from fedsb.federated.transport import InProcessTransport
-
-    return play_round(fed, InProcessTransport(), round_index, download, ledger, meter)
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -328,66 +315,4 @@ def evaluate_federation(fed: Federation) -> dict[str, Any]:
     return {
         "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
         "per_task": results,
-    }
-
-
-# --- the run -------------------------------------------------------------------------------
-
-
-def run_experiment(
-    config: ExperimentConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    base_eval: dict[str, Any] | None = None,
-    config_changes: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) a federation in process and write its results folder; returns the summary.
-
-    base_eval: the base model's evaluation from a run with the same model, seed and evaluation
-    settings (another strategy of the same experiment), reused instead of evaluated again.
-    config_changes: what a resumed run changed (`fedsb.rundir.resume_changes`), recorded in the
-    first resumed round's metrics.
-    """
-    from fedsb.federated.experiment import Experiment
-    from fedsb.federated.transport import InProcessTransport
-
-    return Experiment(config, out_dir, base_eval=base_eval, config_changes=config_changes).run(InProcessTransport(), resume=resume)
-
-
-def run_or_resume(config: ExperimentConfig, out_dir: str | Path, *, base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A finished run's summary as it is; otherwise `run_experiment`, continuing from the
-    folder's checkpoint when it has one (the base model's evaluation then comes from it)."""
-    import json
-
-    from fedsb.federated.checkpoint import has_checkpoint
-
-    done = Path(out_dir) / "summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    resume = has_checkpoint(out_dir)
-    return run_experiment(config, out_dir, resume=resume, base_eval=None if resume else base_eval)
-
-
-def summarize(config: ExperimentConfig, rows: list[dict[str, Any]], ledger: comm.CommLedger, init_info: dict[str, Any], before: dict[str, Any], seconds: float) -> dict[str, Any]:
-    after = next((r["eval"] for r in reversed(rows) if r.get("eval")), {})
-    errors = [r["exactness_max"] for r in rows if r.get("exactness_max") is not None]
-    return {
-        "strategy": config.federation.strategy,
-        "rank": config.adapter.rank,
-        "clients": config.federation.num_clients,
-        "rounds": config.federation.rounds,
-        "init": init_info,
-        "accuracy_before": before.get("accuracy"),
-        "accuracy_after": after.get("accuracy"),
-        "eval_before": before,
-        "eval_after": after,
-        "upload_bytes_per_client_round": max((r["upload_bytes_per_client"] for r in rows), default=0),
-        "download_bytes_per_client_round": max((r["download_bytes_per_client"] for r in rows), default=0),
-        "one_time_bytes": ledger.total_one_time,
-        "total_bytes": ledger.total,
-        "max_exactness_error": max(errors) if errors else None,
-        "final_train_loss": rows[-1]["train_loss"] if rows else None,
-        "ledger": ledger.to_dict()["totals"],
-        "wall_seconds": seconds,
     }
