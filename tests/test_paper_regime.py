@@ -9,7 +9,8 @@ import pytest
 
 from fedsb.config import ConfigError
 from fedsb.sweep.cells import cell_dir, fingerprint
-from fedsb.sweep.paper_regime import EXTRA, cells_of, fixed_rates, main
+from fedsb.sweep.paper_regime import main
+from fedsb.sweep.paper_regime_cells import EXTRA, cells_of, fixed_rates
 from fedsb.sweep.paper_regime_report import Group, build_report, group_rows, newcombe, problems_to_separate, verdict
 from fedsb.sweep.spec import load_sweep
 

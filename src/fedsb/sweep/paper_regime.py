@@ -25,26 +25,8 @@ from typing import Any
 from fedsb.adapter.export import atomic_write_json
 from fedsb.config import ConfigError
 from fedsb.sweep.cells import RUN, cell_dir, is_done
+from fedsb.sweep.paper_regime_cells import EXTRA, cells_of
 from fedsb.sweep.spec import Cell, Sweep, load_sweep
-
-EXTRA = "paper.json"
-
-
-def fixed_rates(sweep: Sweep) -> dict[tuple[str, int], float]:
-    """(method, rank) -> its one learning rate; a method with several rates is a config error."""
-    out: dict[tuple[str, int], float] = {}
-    for m in sweep.methods:
-        for r in m.ranks:
-            lrs = m.lrs_at(r)
-            if len(lrs) != 1:
-                raise ConfigError(f"{sweep.path}: method {m.name!r} rank {r}: paper-regime cells take exactly one lr, got {list(lrs)}")
-            out[(m.name, r)] = lrs[0]
-    return out
-
-
-def cells_of(sweep: Sweep) -> list[Cell]:
-    return sweep.test_cells(fixed_rates(sweep))
-
 
 def write_extra(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
     """paper.json beside the finished cell's cell.json, from its run's metrics (None if no run)."""

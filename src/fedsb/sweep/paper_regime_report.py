@@ -383,7 +383,7 @@ def setup_lines(sweep: Any, spec_path: Path) -> list[str]:
 def write_report(sweep: Any, path: Path) -> Path:
     """Read the sweep's finished cells (stale fingerprints skipped) and write the report."""
     from fedsb.sweep.cells import cell_dir, read_summary
-    from fedsb.sweep.paper_regime import EXTRA, cells_of
+    from fedsb.sweep.paper_regime_cells import EXTRA, cells_of
 
     rows = []
     cells = cells_of(sweep)
