@@ -22,26 +22,15 @@ from fedsb import precision
 from fedsb.config import ConfigError, config_from_dict
 from fedsb.federated.experiment import run_experiment
 from fedsb.precision import DeviceError, resolve_device, resolve_placement
+from tests.test_federation import TINY as FEDERATION_TINY
 
 ROOT = os.path.dirname(fedsb.__file__)
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "seed": 3,
-    "model": {"name": "tiny-llama"},
-    "adapter": {"rank": 4, "targets": ["q_proj", "v_proj", "down_proj"]},
-    "init": {"method": "central", "num_samples": 8, "batch_size": 4},
-    "train": {"lr": 5e-3, "batch_size": 4, "local_steps": 2, "warmup_ratio": 0.1, "precision": "fp32", "max_length": 128},
-    "federation": {"num_clients": 2, "rounds": 1, "partition": "iid"},
-    "task": {
-        "name": "arith",
-        "options": {"generator": "chain_sum", "generator_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
-        "train_limit": 16,
-        "eval_limit": 4,
-        "max_new_tokens": 3,
-        "eval_batch_size": 4,
-    },
-}
+# test_federation's tiny run, made smaller: 2 clients, 1 round, 16 problems, 3 new tokens.
+TINY = json.loads(json.dumps(FEDERATION_TINY))
+TINY["federation"].update(num_clients=2, rounds=1)
+TINY["task"].update(train_limit=16, max_new_tokens=3)
 
 
 def make_config(base: dict = TINY, **sections):
