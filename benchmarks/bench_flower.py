@@ -124,7 +124,7 @@ def secagg_check(out: Path, nodes: int = 3, rounds: int = 2) -> dict[str, Any]:
     from fedsb.config import load_config
     from fedsb.federated.experiment import run_experiment
     from fedsb.flower.launch import LocalFederation
-    from fedsb.flower.task import DEMO_CONFIG
+    from fedsb.flower.settings import DEMO_CONFIG
 
     out.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(DEMO_CONFIG))

@@ -42,14 +42,15 @@ def server_side(monkeypatch, data: dict | None = None):
     from fedsb.config import config_from_dict
     from fedsb.federated import comm
     from fedsb.federated.federation import build_federation, initialize_adapter
-    from fedsb.flower import task
+    from fedsb.flower.frozen import frozen_state
+    from fedsb.flower.settings import config_text, sha256
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a ServerApp process has
         monkeypatch.setattr(TaskIdentity, name, value)
     config = config_from_dict(json.loads(json.dumps(data or TINY)))
     server = build_federation(config)
     initialize_adapter(server, comm.CommLedger())
-    frozen = comm.encode(task.frozen_state(server))
-    text = task.config_text(config)
-    shas = {"config-sha256": task.sha256(text), "frozen-sha256": task.sha256(frozen)}
+    frozen = comm.encode(frozen_state(server.model))
+    text = config_text(config)
+    shas = {"config-sha256": sha256(text), "frozen-sha256": sha256(frozen)}
     return server, frozen, text, shas, comm.encode(trainable_state(server.model, server.head_modules))

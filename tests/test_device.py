@@ -110,13 +110,14 @@ def test_resume_may_change_the_device():
 
 
 def test_node_config_device_overrides_the_servers(tmp_path):
-    from fedsb.flower import task
+    from fedsb.flower.node_cache import node_cache
+    from fedsb.flower.settings import config_text
 
-    cache = task.node_cache({"cache-dir": str(tmp_path), "device": "cpu"})
-    sha = cache.put("config", task.config_text(make_config(model={"device": "cuda"})).encode())
+    cache = node_cache({"cache-dir": str(tmp_path), "device": "cpu"})
+    sha = cache.put("config", config_text(make_config(model={"device": "cuda"})).encode())
     assert cache.config(sha).model.device == "cpu"
     with pytest.raises(DeviceError, match="node-config device"):
-        task.node_cache({"cache-dir": str(tmp_path), "device": "gpu0"})
+        node_cache({"cache-dir": str(tmp_path), "device": "gpu0"})
 
 
 def test_cli_device_flag(tmp_path):
@@ -176,14 +177,15 @@ def _run(cfg, out, *, meta: bool = True):
     """The run under the trap; with `meta`, also with "meta" as the default device once the model
     is built (as `torch.set_default_device("meta")`): any tensor made without a device, by fedsb
     or by what it calls, is then a meta tensor and fails as soon as it meets a real one."""
+    from fedsb.federated import federation
     from fedsb.federated.experiment import Experiment
-    from fedsb.federated.federation import build_federation
     from fedsb.federated.transport import InProcessTransport
 
-    with DeviceTrap() as trap:
-        fed = build_federation(cfg)
+    with DeviceTrap() as trap, pytest.MonkeyPatch.context() as mp:
+        fed = federation.build_federation(cfg)
+        mp.setattr(federation, "build_federation", lambda config, **kw: fed)  # the run uses the federation built here
         with torch.device("meta") if meta else contextlib.nullcontext(), DeviceTrap() as inner:
-            summary = Experiment(cfg, out).run(InProcessTransport(), fed=fed)
+            summary = Experiment(cfg, out).run(InProcessTransport())
     assert trap.caught == [] and inner.caught == []
     return summary
 

@@ -105,8 +105,8 @@ def test_both_engines_agree(feature, cluster, tmp_path):
     run_config = {"config-path": str(config), "out-dir": str(dep), "round-timeout": 600.0}
     if feature in REFUSED_ON_FLOWER:
         from fedsb.config import ConfigError
-        from fedsb.flower.server_loop import check_supported
-        from fedsb.flower.task import RunSettings
+        from fedsb.flower.refusals import check_supported
+        from fedsb.flower.settings import RunSettings
 
         with pytest.raises(ConfigError, match=REFUSED_ON_FLOWER[feature]):
             check_supported(load_config(config), RunSettings())

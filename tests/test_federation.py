@@ -156,10 +156,10 @@ def test_init_step_scale_is_configurable_and_a_large_one_warns(tmp_path):
     from fedsb.federated.federation import build_federation
 
     fed = build_federation(make_config(init={"lr_eff": 2e-5}))
-    assert fed.init_lr_eff() == 2e-5
-    fed = build_federation(make_config())  # lr 5e-3, under one warm-up step: the paper's rule gives 5e-3
+    assert fed.init_plan.lr_eff == 2e-5
     with pytest.warns(UserWarning, match="init.lr_eff"):
-        assert fed.init_lr_eff() == pytest.approx(5e-3)
+        fed = build_federation(make_config())  # lr 5e-3, under one warm-up step: the paper's rule gives 5e-3
+    assert fed.init_plan.lr_eff == pytest.approx(5e-3)
 
 
 def test_federated_init_as_exchanges_is_the_in_process_init():

@@ -192,8 +192,9 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     from fedsb.federated import comm
     from fedsb.federated.client import ClientState
     from fedsb.federated.federation import build_federation, initialize_adapter
-    from fedsb.federated.transport import client_round
-    from fedsb.flower import task
+    from fedsb.federated.experiment import client_round
+    from fedsb.flower import codec
+    from fedsb.flower.settings import sha256
 
     config = write_config(workdir / "tiny-secagg.toml", rounds=1)
     cfg = load_config(config)
@@ -202,7 +203,7 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     # every client's own R after round 1, as the plain run computes it (same start, same data)
     fed = build_federation(cfg)
     initialize_adapter(fed, comm.CommLedger())
-    start = task.global_state_from_download(fed, comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
+    start = codec.start_state(fed.strategy, fed.model, comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
     own = {}
     for client in fed.clients:
         own[client.client_id] = client_round(fed, client.client_id, 0, start, ClientState()).tensors
@@ -225,7 +226,7 @@ def test_secagg_matches_plain_run_and_server_sees_only_the_sum(cluster, workdir)
     assert row["accepted"] == [0, 1] and row["flower"]["secagg"]
     seen = row["flower"]["secagg_aggregate"]
     assert seen["fit_results"] == 2 and seen["distinct_vectors"] == 1 and seen["strategy_adds"] == 1
-    assert seen["aggregate_sha256"] == task.sha256(comm.encode(r_secagg, "fp32"))
+    assert seen["aggregate_sha256"] == sha256(comm.encode(r_secagg, "fp32"))
     for state in own.values():
         assert max(float((r_secagg[k] - state[k]).abs().max()) for k in r_secagg) > 100 * bound
 
@@ -298,9 +299,9 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
 
     from fedsb.federated import comm
     from fedsb.federated.client import ClientState
-    from fedsb.federated.transport import client_round
+    from fedsb.federated.experiment import client_round
 
-    from fedsb.flower import client_app, codec, protocol, task
+    from fedsb.flower import client_app, codec, protocol
 
     server, frozen, text, shas, download = server_side(monkeypatch)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "cache-dir": str(tmp_path / "cache")}, state=RecordDict(), run_config={})
@@ -319,7 +320,7 @@ def test_client_handlers_in_process(tmp_path, monkeypatch):
 
     reply = client_app.train(message(round_content(), "train"), ctx)
     upload, _ = comm.decode(codec.payload_from_record(reply.content.array_records[protocol.UPDATE_RECORD]))
-    start = task.global_state_from_download(server, download)
+    start = codec.start_state(server.strategy, server.model, download)
     expected = client_round(server, 1, 0, start, ClientState()).tensors  # the in-process engine's client 1
     assert upload.keys() == expected.keys()
     assert max(float((upload[k] - expected[k]).abs().max()) for k in upload) <= 1e-6
@@ -349,7 +350,10 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
     from fedsb.federated import comm
     from fedsb.federated.federation import build_federation, initialize_adapter
     from fedsb.federated.experiment import run_round
-    from fedsb.flower import client_app, codec, protocol, task
+    from fedsb.flower import client_app, codec, node_party, protocol
+    from fedsb.flower.base_chain import BASE_KIND, base_root, base_state, encode_base, next_base_id
+    from fedsb.flower.node_cache import node_cache
+    from fedsb.flower.settings import config_text, sha256
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -357,16 +361,15 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
     server = build_federation(config)
     ledger = comm.CommLedger()
     initialize_adapter(server, ledger)
-    text = task.config_text(config)
-    shas = {"config-sha256": task.sha256(text), "frozen-sha256": ""}
-    root = task.base_root(shas["config-sha256"])
+    text = config_text(config)
+    shas = {"config-sha256": sha256(text), "frozen-sha256": ""}
+    root = base_root(shas["config-sha256"])
 
     def context(name: str) -> Context:
         return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "cache-dir": str(tmp_path / name)}, state=RecordDict(), run_config={})
 
     def send(handler, ctx, content: RecordDict, kind: str) -> Message:
-        task._FEDERATIONS.clear()  # a fresh ClientApp process per message
-        task._BASE_IDS.clear()
+        node_party.forget_parties()  # a fresh ClientApp process per message
         return handler(Message(content, dst_node_id=7, message_type=kind, group_id="1"), ctx)
 
     def round_message(r: int, download: bytes, prev: str, base_id: str, catchup: bytes | None = None) -> RecordDict:
@@ -374,7 +377,7 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
         content = RecordDict({protocol.DOWNLOAD_RECORD: codec.payload_record(download)})
         if catchup is not None:
             content[protocol.BASE_RECORD] = codec.payload_record(catchup)
-            fields["base-sha256"] = task.sha256(catchup)
+            fields["base-sha256"] = sha256(catchup)
         content[protocol.CONFIG_RECORD] = ConfigRecord(fields)
         return content
 
@@ -391,19 +394,19 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
     prev, base_id = root, root
     for r in range(3):
         if r:
-            prev, base_id = base_id, task.next_base_id(base_id, download, r)
+            prev, base_id = base_id, next_base_id(base_id, download, r)
         reply = send(client_app.train, follower, round_message(r, download, prev, base_id), "train")
         assert reply.content.config_records[protocol.NODE_RECORD]["base-id"] == base_id
         follower_upload = upload(reply)
         if r:
             # the follower folded the download into its cached base: exactly the server's base
-            cached, _ = comm.decode(task.node_cache(follower.node_config).get_named(task.BASE_KIND, base_id))
-            server_base = task.base_state(server)
+            cached, _ = comm.decode(node_cache(follower.node_config).get_named(BASE_KIND, base_id))
+            server_base = base_state(server.model)
             assert max(float((cached[k] - server_base[k]).abs().max()) for k in server_base) <= 1e-6
         if r == 2:  # the late node never saw round 2's download (index 1): it must not train on the root base
             refused = send(client_app.train, late, round_message(r, download, prev, base_id), "train")
             assert refused.has_error() and protocol.MISSING_BASE in refused.error.reason
-            caught_up = upload(send(client_app.train, late, round_message(r, download, prev, base_id, task.encode_base(server)), "train"))
+            caught_up = upload(send(client_app.train, late, round_message(r, download, prev, base_id, encode_base(server.model)), "train"))
             assert max(float((caught_up[k] - follower_upload[k]).abs().max()) for k in follower_upload) <= 1e-6
             with pytest.raises(ValueError, match="base chain"):  # a download the chain does not name
                 send(client_app.train, late, round_message(r, download + b" ", prev, base_id), "train")
@@ -413,8 +416,8 @@ def test_folded_base_on_stateless_nodes_in_process(strategy, tmp_path, monkeypat
 def test_engine_runs_every_strategy_and_refuses_the_rest_with_a_reason():
     from fedsb.aggregation import strategy_names
     from fedsb.config import ConfigError
-    from fedsb.flower.server_loop import check_supported
-    from fedsb.flower.task import RunSettings
+    from fedsb.flower.refusals import check_supported
+    from fedsb.flower.settings import RunSettings
 
     plain, secagg = RunSettings(), RunSettings(secagg=True)
     data = json.loads(json.dumps(TINY))
@@ -442,19 +445,20 @@ def test_node_keeps_client_state_by_round(tmp_path):
     import torch
 
     from fedsb.federated.client import ClientState
-    from fedsb.flower import task
+    from fedsb.flower.node_cache import NodeCache, load_client_state, save_client_state
+    from fedsb.flower.settings import sha256
 
-    cache = task.NodeCache(tmp_path)
-    sha = task.sha256("config")
+    cache = NodeCache(tmp_path)
+    sha = sha256("config")
 
     def state(r: int) -> ClientState:
         return ClientState(optimizer={"state": {0: {"step": torch.tensor(float(r))}}, "param_groups": [{"lr": 0.1, "params": [0]}]}, privacy_history=[[1.0, 0.5, r + 1]])
 
-    assert task.load_client_state(cache, sha, 0, 0) == ClientState()
+    assert load_client_state(cache, sha, 0, 0) == ClientState()
     for r in range(3):
-        task.save_client_state(cache, sha, 0, r, state(r))
-    got = task.load_client_state(cache, sha, 0, 3)
+        save_client_state(cache, sha, 0, r, state(r))
+    got = load_client_state(cache, sha, 0, 3)
     assert got.privacy_history == [[1.0, 0.5, 3]] and float(got.optimizer["state"][0]["step"]) == 2.0
-    task.save_client_state(cache, sha, 0, 2, state(2))  # round 2 replayed: same state again
-    assert task.load_client_state(cache, sha, 0, 2).privacy_history == [[1.0, 0.5, 2]]  # the state after round 1
-    assert task.load_client_state(cache, sha, 1, 3) == ClientState()  # another partition has its own
+    save_client_state(cache, sha, 0, 2, state(2))  # round 2 replayed: same state again
+    assert load_client_state(cache, sha, 0, 2).privacy_history == [[1.0, 0.5, 2]]  # the state after round 1
+    assert load_client_state(cache, sha, 1, 3) == ClientState()  # another partition has its own

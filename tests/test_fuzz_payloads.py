@@ -233,25 +233,27 @@ def test_round_completes_with_the_other_clients_and_state_is_unchanged_by_the_ho
 
 
 def test_flower_screening_drops_the_hostile_reply_and_keeps_the_others(tmp_path):
-    """`FlowerTransport._screen` called without a deployment: the issue's 10 kB upload of 5,000
+    """`rounds.screen_updates` called without a deployment: the issue's 10 kB upload of 5,000
     nested '[' used to escape as RecursionError and fail the round."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     from fedsb.config import ExperimentConfig
+    from fedsb.federated.transport import RunContext
     from fedsb.flower import codec
+    from fedsb.flower.discovery import Nodes
+    from fedsb.flower.events import EventLog
     from fedsb.flower.protocol import METRICS_RECORD, NODE_RECORD, UPDATE_RECORD
-    from fedsb.flower.server_loop import FlowerTransport
+    from fedsb.flower.rounds import screen_updates
 
-    server = FlowerTransport.__new__(FlowerTransport)
-    server.config = ExperimentConfig()
-    server.folds = False
-    server.settings = SimpleNamespace(outlier_factor=20.0, norm_bound=0.0, update_bound=1.0, node_data=False)
-    server.events, server.out_dir = [], tmp_path
+    config = ExperimentConfig()
     # what the screening of the reply fields reads: 3 partitions of 8 examples, 2 steps, nodes 10..12
-    server.config.federation.num_clients = 3
-    server.config.train.lr = 1e-2  # the update bound admits the synthetic 0.01 x randn uploads
-    server.node_of, server.reported = {0: 10, 1: 11, 2: 12}, {}
-    server.fed = SimpleNamespace(clients=[SimpleNamespace(client_id=p, num_examples=8) for p in range(3)], steps_per_round={p: 2 for p in range(3)}, strategy=SimpleNamespace(client_weight=float))
+    config.federation.num_clients = 3
+    config.train.lr = 1e-2  # the update bound admits the synthetic 0.01 x randn uploads
+    settings = SimpleNamespace(outlier_factor=20.0, norm_bound=0.0, update_bound=1.0, node_data=False)
+    nodes = Nodes(None, settings, config, EventLog(tmp_path), None)  # type: ignore[arg-type]
+    nodes.node_of = {0: 10, 1: 11, 2: 12}
+    run = RunContext(config, SimpleNamespace(client_weight=float), None, comm.CommLedger(), {p: 2 for p in range(3)}, {p: 8 for p in range(3)})  # type: ignore[arg-type]
+    nodes.run = run
     big = {f"layers.{i}.R": (64, 64) for i in range(4)}  # ~64 kB honest uploads: 10 kB fits the size limit
     base = {k: torch.zeros(s) for k, s in big.items()}
     fields = {"num-examples": 8.0, "loss": 1.0, "steps": 2.0, "tokens": 10.0, "seconds": 0.1}
@@ -264,6 +266,6 @@ def test_flower_screening_drops_the_hostile_reply_and_keeps_the_others(tmp_path)
     good = {pid: comm.encode({k: 0.01 * torch.randn(s, generator=g) for k, s in big.items()}) for pid in (0, 2)}
     hostile = with_header("[" * 5000 + "]" * 5000).ljust(10_000, b" ")
     replies = {0: reply(good[0], 0), 1: reply(hostile, 1), 2: reply(good[2], 2)}
-    accepted, metrics, rejected, _ = server._screen(server.fed, replies, big, base, 0)  # noqa: SLF001
+    accepted, metrics, rejected, _ = screen_updates(nodes, run, replies, big, base, 0)
     assert sorted(accepted) == [0, 2] and list(rejected) == [1]
     assert "nests deeper" in rejected[1]

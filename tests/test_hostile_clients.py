@@ -123,9 +123,9 @@ def test_adamw_bound_passes_honest_updates_and_refuses_a_huge_one():
     from fedsb.federated import comm
     from fedsb.federated.client import ClientState
     from fedsb.federated.federation import build_federation, initialize_adapter
-    from fedsb.federated.transport import client_round
+    from fedsb.federated.experiment import client_round
     from fedsb.federated.validation import adamw_bound, update_norm
-    from fedsb.flower import task
+    from fedsb.flower import codec
 
     for strategy in ("fedsb", "ffa"):
         data = json.loads(json.dumps(TINY))
@@ -133,7 +133,7 @@ def test_adamw_bound_passes_honest_updates_and_refuses_a_huge_one():
         cfg = config_from_dict(data)
         fed = build_federation(cfg)
         initialize_adapter(fed, comm.CommLedger())
-        start = task.global_state_from_download(fed, comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
+        start = codec.start_state(fed.strategy, fed.model, comm.encode(trainable_state(fed.model, fed.head_modules), cfg.federation.wire_dtype))
         numel = sum(v.numel() for v in start.values())
         bound = adamw_bound(lr=cfg.train.lr, steps=fed.steps_per_round[0], numel=numel, start_norm=update_norm(start))
         update = client_round(fed, 0, 0, start, ClientState()).tensors
@@ -213,18 +213,18 @@ def run_loopback(tmp: Path, out: Path, monkeypatch, *, rounds: int = 1, nodes: i
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedsb.flower import task
+    from fedsb.flower import node_party
     from fedsb.flower.server_loop import run_server
+    from fedsb.flower.settings import RunSettings
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a ServerApp process has
         monkeypatch.setattr(TaskIdentity, name, value)
-    monkeypatch.setattr(task, "_FEDERATIONS", {})  # the nodes' per-process federation: fresh per run
-    monkeypatch.setattr(task, "_BASE_IDS", {})
+    monkeypatch.setattr(node_party, "_PARTIES", {})  # the nodes' per-process party: fresh per run
     config = write_config(tmp / f"tiny-{nodes}-{rounds}.toml", rounds=rounds, num_clients=nodes)
     run_config = {"config-path": str(config), "out-dir": str(out), "round-timeout": 600.0, "fault-injection": fault, **settings}
     grid = LoopbackGrid(tmp, nodes, run_config, partition_ids)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    return run_server(grid, context, task.RunSettings.from_run_config(run_config))
+    return run_server(grid, context, RunSettings.from_run_config(run_config))
 
 
 def rows(out: Path) -> list[dict]:

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from fedsb.config import config_from_dict
-from fedsb.flower import screening, task
+from fedsb.flower import node_party, screening
+from fedsb.flower.node_cache import node_cache
+from fedsb.flower.settings import RunSettings
 from fedsb.flower.screening import Expected, ReplyError, fixed_counts, screen_reply
 
 from fixtures_flower import requires_flower
@@ -117,21 +119,20 @@ def run_node_data_loopback(tmp: Path, monkeypatch, lie: int | None) -> tuple[Pat
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-    monkeypatch.setattr(task, "_FEDERATIONS", {})
-    monkeypatch.setattr(task, "_BASE_IDS", {})
+    monkeypatch.setattr(node_party, "_PARTIES", {})
     root = three_parties(tmp / "parties")
     data = tiny_config(None)
     del data["federation"]["client_data"]
     data["federation"].update(num_clients=3, rounds=1)
     data["task"]["options"]["answer_check"] = "none"
     (tmp / "server.toml").write_text(tomli_w.dumps(data))
-    honest = task.party_counts
+    honest = node_party.NodeParty.counts
 
-    def counts(fed, cid):  # what partition 2's node claims at setup
-        out = honest(fed, cid)
+    def counts(party, cid):  # what partition 2's node claims at setup
+        out = honest(party, cid)
         return {**out, "num-examples": lie} if cid == 2 and lie is not None else out
 
-    monkeypatch.setattr(task, "party_counts", counts)
+    monkeypatch.setattr(node_party.NodeParty, "counts", counts)
     out = tmp / "out"
     run_config = {"config-path": str(tmp / "server.toml"), "out-dir": str(out), "round-timeout": 600.0, "discovery-timeout": 5.0, "node-data": True}
     grid = LoopbackGrid(tmp, 3, run_config)
@@ -139,7 +140,7 @@ def run_node_data_loopback(tmp: Path, monkeypatch, lie: int | None) -> tuple[Pat
         grid.contexts[100 + i].node_config["data-path"] = str(root / name)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     try:
-        return out, run_server(grid, context, task.RunSettings.from_run_config(run_config))
+        return out, run_server(grid, context, RunSettings.from_run_config(run_config))
     except Exception as e:
         return out, e
 
@@ -168,10 +169,10 @@ def test_e2e_a_huge_count_is_capped_at_four_times_the_median(tmp_path, monkeypat
 
 
 def test_node_data_refuses_what_reads_client_data_at_the_server(tmp_path):
-    from fedsb.flower.server_loop import refusals
+    from fedsb.flower.refusals import refusals
 
     root = three_parties(tmp_path / "p")
-    settings = task.RunSettings(node_data=True)
+    settings = RunSettings(node_data=True)
     data = tiny_config(None)
     del data["federation"]["client_data"]
     data["federation"]["num_clients"] = 3
@@ -184,7 +185,7 @@ def test_node_data_refuses_what_reads_client_data_at_the_server(tmp_path):
     assert refusals(config_from_dict(central), settings) == []
     with_files = tiny_config(str(root))
     assert any("the ServerApp would read the parties' files" in r for r in refusals(config_from_dict(with_files), settings))
-    assert refusals(config_from_dict(with_files), task.RunSettings()) == []  # the simulation mode may
+    assert refusals(config_from_dict(with_files), RunSettings()) == []  # the simulation mode may
 
 
 def test_a_data_free_federation_holds_no_examples(tmp_path):
@@ -207,13 +208,14 @@ def test_a_node_reads_only_its_own_folder(tmp_path):
     data = tiny_config(None)
     del data["federation"]["client_data"]
     data["federation"]["num_clients"] = 3
-    cache = task.node_cache({"data-path": str(root / "beta"), "partition-id": 1, "cache-dir": str(tmp_path / "c")})
-    fed = cache.build(config_from_dict(data))
+    cache = node_cache({"data-path": str(root / "beta"), "partition-id": 1, "cache-dir": str(tmp_path / "c")})
+    party = node_party.build_party(cache, config_from_dict(data))
+    fed = party._fed  # noqa: SLF001  (what the party holds, looked at)
     assert [c.num_examples for c in fed.clients] == [0, 4, 0] and fed.clients[1].client_id == 1
     assert fed.party_eval[0][0] == "beta" and len(fed.party_eval[0][1]) == 2
-    assert task.party_counts(fed, 1) == {"num-examples": 4, "tokens": sum(len(it) for it in fed.clients[1].items)}
+    assert party.counts(1) == {"num-examples": 4, "tokens": sum(len(it) for it in fed.clients[1].items)}
     with pytest.raises(ValueError, match="data-path needs partition-id"):
-        task.node_cache({"data-path": str(root / "beta")})
+        node_cache({"data-path": str(root / "beta")})
 
 
 # --- the end-to-end run --------------------------------------------------------------------------

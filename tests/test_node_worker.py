@@ -18,7 +18,7 @@ from fixtures_flower import server_side
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedsb.federated import comm
-from fedsb.flower import client_app, codec, node_worker, protocol, task
+from fedsb.flower import client_app, codec, node_party, node_worker, protocol
 
 
 def _wait(predicate, timeout: float = 60.0) -> None:
@@ -61,8 +61,7 @@ def node(tmp_path, monkeypatch):
         return p
 
     yield message, context, paths
-    task._FEDERATIONS.clear()  # the handlers' per-process cache: what this test built stays here
-    task._BASE_IDS.clear()
+    node_party.forget_parties()  # the handlers' per-process cache: what this test built stays here
     for p in made:
         _kill_worker(p)
         shutil.rmtree(p.folder, ignore_errors=True)

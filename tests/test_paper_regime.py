@@ -110,3 +110,23 @@ def test_more_than_one_rate_is_refused(tmp_path):
     sweep = load_sweep(_sweep_file(tmp_path, lrs="[1e-3, 3e-3]"))
     with pytest.raises(ConfigError, match="exactly one lr"):
         fixed_rates(sweep)
+
+
+def test_privacy_claim_rows_come_from_the_snli_report_when_given():
+    """The verdict table's privacy claim is experiment 3's (SNLI) once its cells exist."""
+    rows = [fake_row("FedIT 25 steps", "fedit", 16, 25, 0, 100), fake_row("Fed-SB 25 steps", "fedsb", 64, 25, 0, 120)]
+    without = build_report(rows, title="t", setup=[])
+    assert "| Fed-SB loses least to privacy |" in without and "**cannot tell yet**" in without
+    snli = ["| (SNLI, docs/paper-regime-snli.md) Fed-SB loses the least to privacy | p | ours | **v** |"]
+    with_rows = build_report(rows, title="t", setup=[], privacy_rows=snli)
+    assert snli[0] in with_rows and "cannot tell yet" not in with_rows
+
+
+def test_snli_rows_are_the_claims_not_the_method_rows(tmp_path):
+    """No SNLI sweep file beside the arithmetic one: no rows (the table says 'not run')."""
+    from fedsb.sweep.paper_regime_report import snli_privacy_rows
+
+    assert snli_privacy_rows(tmp_path) is None
+    rows = snli_privacy_rows(ROOT / "configs")
+    if rows is not None:  # the committed SNLI cells: claim rows only, each pointing to its report
+        assert rows and all(r.startswith("| (SNLI, docs/paper-regime-snli.md) Fed-SB ") and not r.startswith("| (SNLI, docs/paper-regime-snli.md) Fed-SB |") for r in rows)

@@ -16,7 +16,9 @@ from fedsb.federated.validation import (
     update_norm,
     validate_update,
 )
-from fedsb.flower import task
+from fedsb.flower.faults import fault_for, faulty_payload
+from fedsb.flower.node_cache import NodeCache
+from fedsb.flower.settings import RunSettings
 
 SHAPES = {"layers.0.q.R": (4, 4), "layers.0.v.R": (4, 4)}
 
@@ -55,7 +57,7 @@ def test_honest_update_passes_bit_exact():
     ],
 )
 def test_each_malformed_kind_is_refused_with_its_reason(kind, reason):
-    payload = task.faulty_payload(kind, honest(), "fp32")
+    payload = faulty_payload(kind, honest(), "fp32")
     with pytest.raises(PayloadError, match=reason):
         check(payload)
 
@@ -88,7 +90,7 @@ def test_missing_tensor_is_refused():
 
 def test_norm_far_above_the_others_is_refused():
     others = [update_norm(honest(s), BASE) for s in (1, 2, 3)]
-    payload = task.faulty_payload("huge-norm", honest(), "fp32")
+    payload = faulty_payload("huge-norm", honest(), "fp32")
     with pytest.raises(PayloadError, match="median"):
         check(payload, reference_norms=others)
     # the same update alone in its round has nothing to be compared with: it passes
@@ -148,15 +150,15 @@ def test_ndarrays_codec_refuses_bad_arrays():
 
 
 def test_fault_spec_parsing():
-    assert task.fault_for("1:nan@2, 0:crash", 1, 1) == "nan"
-    assert task.fault_for("1:nan@2", 1, 0) is None
-    assert task.fault_for("1:nan@2, 0:crash", 0, 5) == "crash"
+    assert fault_for("1:nan@2, 0:crash", 1, 1) == "nan"
+    assert fault_for("1:nan@2", 1, 0) is None
+    assert fault_for("1:nan@2, 0:crash", 0, 5) == "crash"
     with pytest.raises(ValueError, match="unknown fault"):
-        task.fault_for("0:explode", 0, 0)
+        fault_for("0:explode", 0, 0)
 
 
 def test_node_cache_verifies_content(tmp_path):
-    cache = task.NodeCache(tmp_path)
+    cache = NodeCache(tmp_path)
     digest = cache.put("frozen", b"abc")
     assert cache.get("frozen", digest) == b"abc"
     (tmp_path / f"frozen-{digest}").write_bytes(b"tampered")
@@ -167,5 +169,5 @@ def test_node_cache_verifies_content(tmp_path):
 
 
 def test_run_settings_from_run_config():
-    s = task.RunSettings.from_run_config({"round-timeout": 5, "min-replies": 2, "secagg": "true", "other-app-key": 1})
+    s = RunSettings.from_run_config({"round-timeout": 5, "min-replies": 2, "secagg": "true", "other-app-key": 1})
     assert s.round_timeout == 5.0 and s.min_replies == 2 and s.secagg is True

@@ -19,7 +19,7 @@ NAME = "fedsb_sdpa"
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> Any:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # slow dependency (transformers)
 
     if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
@@ -33,8 +33,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
 def register() -> str:
     """Make NAME known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import AttentionInterface  # slow dependency (transformers)
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # slow dependency (transformers)
 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -19,12 +19,16 @@ from typer.core import TyperGroup
 # commands import it (and transformers) inside their functions (tests/test_architecture.py).
 from fedsb.commands.bench import bench
 from fedsb.commands.comm import comm
+from fedsb.commands.demo import run_demo
 from fedsb.commands.privacy_table import privacy_table
 from fedsb.commands.evaluate import evaluate_command
 from fedsb.commands.export import export_command
 from fedsb.commands.results import results
 from fedsb.commands.sweep import sweep
+from fedsb.config import dump_config, load_config
 from fedsb.errors import FedsbError, debug_enabled
+from fedsb.report import print_summary
+from fedsb.rundir import RunDirError, failed_start, open_run, record_changes, restart_failed_start, resume_changes
 
 
 class FedsbGroup(TyperGroup):
@@ -74,10 +78,6 @@ def run(
     A run that stopped before its first round completed has nothing to resume: --resume starts it
     again from the first round, with its config.
     """
-    from fedsb.config import dump_config, load_config
-    from fedsb.report import print_summary
-    from fedsb.rundir import RunDirError, failed_start, open_run, record_changes, restart_failed_start, resume_changes
-
     changes: dict[str, Any] = {}
     if device is not None:
         set_ = [*(set_ or []), f'model.device="{device}"']
@@ -99,8 +99,8 @@ def run(
         cfg = load_config(config, set_ or [])
         out = out or Path("results") / config.stem
     # Slow dependencies (torch, transformers), imported once the arguments and the config are known good.
-    from fedsb.federated.checkpoint import checkpoint_round
-    from fedsb.federated.experiment import run_experiment
+    from fedsb.federated.checkpoint import checkpoint_round  # slow dependency (torch): the CLI stays torch-free
+    from fedsb.federated.experiment import run_experiment  # slow dependency (torch, transformers)
 
     with open_run(out, resume=resume is not None, overwrite=overwrite):
         restart = resume is not None and failed_start(out)  # checked under the lock
@@ -123,8 +123,6 @@ def demo(
     quick: Annotated[bool, typer.Option(help="a much smaller run (a smoke test, not a result)")] = False,
 ) -> None:
     """The embedded default: 10 clients, non-IID, Fed-SB vs FedIT vs FFA-LoRA on generated arithmetic."""
-    from fedsb.commands.demo import run_demo
-
     run_demo(out, quick=quick)
 
 

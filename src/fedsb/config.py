@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import tomli_w
+
+from fedsb.aggregation.registry import DEFAULT_STRATEGY, strategy_names
 from fedsb.config_types import ConfigError, check_type
 
 
@@ -40,7 +43,7 @@ class ModelConfig:
     def validate(self) -> None:
         _one_of("model.kind", self.kind, ("causal", "classifier"))
         _one_of("model.frozen_dtype", self.frozen_dtype, ("auto", "fp32", "bf16"))
-        from fedsb.precision import DEVICE_PATTERN
+        from fedsb.precision import DEVICE_PATTERN  # imports torch (fedsb.precision): the CLI stays torch-free
 
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"model.device = {self.device!r}: allowed values are 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -154,8 +157,6 @@ class FederationConfig:
     client_data: list[str] | str | None = None
 
     def validate(self) -> None:
-        from fedsb.aggregation.registry import DEFAULT_STRATEGY, strategy_names
-
         self.strategy = self.strategy or DEFAULT_STRATEGY
         _one_of("federation.strategy", self.strategy, tuple(strategy_names()))
         _positive("federation.num_clients", self.num_clients)
@@ -166,7 +167,7 @@ class FederationConfig:
         _positive("federation.dirichlet_alpha", self.dirichlet_alpha)
         _one_of("federation.wire_dtype", self.wire_dtype, ("fp32", "bf16", "fp16"))
         if self.client_data is not None:
-            from fedsb.federated.parties import resolve_parties
+            from fedsb.federated.parties import resolve_parties  # imports every task module (fedsb.tasks, ~25 ms): kept off the CLI's start-up
 
             n = len(resolve_parties(self.client_data))
             if self.num_clients != n:
@@ -191,8 +192,8 @@ class TaskConfig:
     eval_options: dict[str, Any] = field(default_factory=dict)  # per eval task: {name: {option: value}}; eval_limit too
 
     def validate(self) -> None:
-        from fedsb.tasks import task_names
-        from fedsb.tasks.base import validate_task_options
+        from fedsb.tasks import task_names  # imports every task module (fedsb.tasks, ~25 ms): kept off the CLI's start-up
+        from fedsb.tasks.base import validate_task_options  # imports every task module (fedsb.tasks, ~25 ms): kept off the CLI's start-up
 
         _one_of("task.name", self.name, tuple(task_names()))
         validate_task_options(self.name, self.options, "task.options")
@@ -368,7 +369,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     if isinstance(fed, dict) and "num_clients" not in fed:  # with client_data: one client per party
         parties = fed.get("client_data")
         if parties and (isinstance(parties, str) or (isinstance(parties, list) and all(isinstance(p, str) for p in parties))):
-            from fedsb.federated.parties import resolve_parties
+            from fedsb.federated.parties import resolve_parties  # imports every task module (fedsb.tasks, ~25 ms): kept off the CLI's start-up
 
             data["federation"] = {**fed, "num_clients": len(resolve_parties(parties))}
     return _build(ExperimentConfig, data, "").validate()
@@ -414,6 +415,4 @@ def non_default_settings(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def dump_config(config: ExperimentConfig) -> str:
-    import tomli_w
-
     return tomli_w.dumps(config.to_dict())

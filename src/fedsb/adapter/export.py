@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from fedsb.adapter.inject import adapter_layers, adapter_state, head_parameters, inject_adapters, load_state
+from fedsb.adapter.inject import adapter_layers, adapter_state, head_parameters, inject_adapters, load_state, remove_adapters
 from fedsb.adapter.layer import LoraLinear, LoraSBLinear
 from fedsb.errors import FedsbError
 
@@ -259,8 +259,6 @@ def export_peft_lora(
 
 def save_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """Fold the adapter into the base weights and `save_pretrained` a plain transformers model."""
-    from fedsb.adapter.inject import remove_adapters
-
     remove_adapters(model, merge=True)
     model.save_pretrained(directory)
     if tokenizer is not None:

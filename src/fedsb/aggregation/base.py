@@ -189,8 +189,8 @@ class Strategy(ABC):
         """Called once after the adapters exist (e.g. seeded init of LoRA baselines)."""
         import torch  # slow dependency
 
-        from fedsb.adapter.inject import adapter_layers
-        from fedsb.adapter.layer import LoraLinear
+        from fedsb.adapter.inject import adapter_layers  # imports torch (fedsb.adapter)
+        from fedsb.adapter.layer import LoraLinear  # imports torch (fedsb.adapter)
 
         g = torch.Generator(device="cpu").manual_seed(self.seed)  # host draw: the same init on every device
         for layer in adapter_layers(model).values():

@@ -50,8 +50,8 @@ class FLoRA(Strategy, name="flora"):
     def finish(self, model: nn.Module, round_index: int) -> dict[str, Tensor]:
         import torch  # slow dependency: the declarations above are read without it
 
-        from fedsb.adapter.inject import adapter_layers
-        from fedsb.adapter.layer import LoraLinear
+        from fedsb.adapter.inject import adapter_layers  # imports torch (fedsb.adapter)
+        from fedsb.adapter.layer import LoraLinear  # imports torch (fedsb.adapter)
 
         download: dict[str, Tensor] = {}
         g = self._reset_generator(round_index + 1)  # the init of the round that downloads this
@@ -85,7 +85,7 @@ class FLoRA(Strategy, name="flora"):
         """A client merges the downloaded stacks into its base weights and restarts from the
         fresh seeded LoRA, exactly as `finish` did. Round 0's download is the seeded init itself."""
         from fedsb.adapter.inject import adapter_layers  # slow dependency (torch)
-        from fedsb.adapter.layer import LoraLinear
+        from fedsb.adapter.layer import LoraLinear  # imports torch (fedsb.adapter)
 
         if round_index == 0:
             return

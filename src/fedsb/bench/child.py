@@ -12,13 +12,13 @@ import importlib
 import json
 import sys
 
+from fedsb.bench.memory import peak_rss_bytes
+
 
 def main(argv: list[str]) -> None:
     target, kwargs = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
     module, _, name = target.partition(":")
     result = getattr(importlib.import_module(module), name)(**kwargs)
-    from fedsb.bench.memory import peak_rss_bytes
-
     result["process_peak_rss_bytes"] = peak_rss_bytes()
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fedsb.bench.memory import peak_rss_bytes, rss_bytes, run_child
 from fedsb.bench.timing import load_average, spread
+from fedsb.config import config_from_dict
 
 
 def round_config(
@@ -36,8 +38,6 @@ def round_config(
     measure_exactness: bool,
     init_method: str = "random",
 ) -> Any:
-    from fedsb.config import config_from_dict
-
     data: dict[str, Any] = {
         "seed": 0,
         "adapter": {"rank": rank},
@@ -78,12 +78,11 @@ class _Stopwatch:
 
 def run_rounds(config: Any, *, evaluate: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the federation and run its rounds; per-round time split."""
-    from fedsb.federated import comm
-    from fedsb.federated.exactness import ExactnessMeter
-    from fedsb.federated.federation import build_federation, evaluate_federation, initialize_adapter
-    from fedsb.federated.experiment import run_round
-    from fedsb.adapter.inject import trainable_state
-    from fedsb.bench.memory import peak_rss_bytes, rss_bytes
+    from fedsb.federated import comm  # imports torch (fedsb.federated.comm)
+    from fedsb.federated.exactness import ExactnessMeter  # imports torch (fedsb.federated.exactness)
+    from fedsb.federated.federation import build_federation, evaluate_federation, initialize_adapter  # imports torch (fedsb.federated.federation)
+    from fedsb.federated.experiment import ClientStates, run_round  # imports torch (fedsb.federated.experiment)
+    from fedsb.adapter.inject import trainable_state  # imports torch (fedsb.adapter.inject)
 
     t0 = time.perf_counter()
     fed = build_federation(config)
@@ -99,10 +98,11 @@ def run_rounds(config: Any, *, evaluate: bool = True, log: Callable[[str], None]
         meter.begin_round = watch.wrap(meter.begin_round)  # type: ignore[method-assign]
     download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
     rounds = []
+    states = ClientStates(fed.privacy, config.train.keep_optimizer_state)
     for r in range(config.federation.rounds):
         watch.seconds = 0.0
         t0 = time.perf_counter()
-        metrics, download = run_round(fed, r, download, ledger, meter)
+        metrics, download = run_round(fed, r, download, ledger, meter, states)
         wall = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate_federation(fed) if evaluate else {}
@@ -144,9 +144,9 @@ def run_rounds(config: Any, *, evaluate: bool = True, log: Callable[[str], None]
 def padding_waste(fed: Any, seed: int = 0) -> dict[str, Any]:
     """Share of padded positions in the clients' training batches: length-bucketed (what
     `ClientData.batches` does) against the same examples batched in random order."""
-    import torch
+    import torch  # slow dependency (torch)
 
-    from fedsb.data import collate
+    from fedsb.data import collate  # imports torch (fedsb.data)
 
     bs, pad = fed.config.train.batch_size, fed.tokenizer.pad_token_id
     totals = {"bucketed": [0, 0], "random_order": [0, 0]}  # [real tokens, positions]
@@ -245,8 +245,6 @@ def measure_clients(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Peak RSS (whole fresh process: VmHWM) and time per round for each client count."""
-    from fedsb.bench.memory import run_child
-
     runs = {}
     before = load_average()
     for n in client_counts:

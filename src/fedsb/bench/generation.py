@@ -15,24 +15,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 from fedsb.bench.timing import interleave, load_average, spread, summarize
+from fedsb.tasks import get_task
+from fedsb.tasks.prompts import render_prompt
 
 
 @contextlib.contextmanager
 def _before_fixes() -> Iterator[None]:
     """The generation path as it was before the speed work: adapters unmerged (merge=False at
     the call) and the LM head fed a strided view (no `contiguous_head_input`)."""
-    from unittest import mock
-
     with mock.patch("fedsb.evaluation.contiguous_head_input", lambda model: contextlib.nullcontext()):
         yield
 
 
 def gsm8k_prompts(tokenizer: Any, limit: int) -> tuple[list[str], tuple[str, ...]]:
-    from fedsb.evaluation import task_template
-    from fedsb.tasks import get_task
-    from fedsb.tasks.prompts import render_prompt
+    from fedsb.evaluation import task_template  # imports torch (fedsb.evaluation)
 
     task = get_task("gsm8k")
     examples = task.eval_examples(limit=limit)
@@ -55,10 +54,10 @@ def measure_generation(
     agreement_prompts: int = 50,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from fedsb.adapter.inject import inject_adapters
-    from fedsb.bench.train import DEFAULT_TARGETS, load_base
-    from fedsb.evaluation import generate_with_stats
-    from fedsb.init import init_random
+    from fedsb.adapter.inject import inject_adapters  # imports torch (fedsb.adapter.inject)
+    from fedsb.bench.train import DEFAULT_TARGETS, load_base  # imports torch (fedsb.bench.train)
+    from fedsb.evaluation import generate_with_stats  # imports torch (fedsb.evaluation)
+    from fedsb.init import init_random  # imports torch (fedsb.init)
 
     model, tok = load_base(model_name)
     layers = inject_adapters(model, list(targets or DEFAULT_TARGETS), kind="lorasb", rank=rank)
@@ -116,7 +115,7 @@ def measure_generation(
 
 def greedy_agreement(model: Any, tok: Any, n: int, max_new_tokens: int, batch_size: int, precision: str) -> dict[str, Any]:
     """Share of prompts whose greedy text equals the unmerged fp32 reference, per variant."""
-    from fedsb.evaluation import generate, inference_precision
+    from fedsb.evaluation import generate, inference_precision  # imports torch (fedsb.evaluation)
 
     texts, stops = gsm8k_prompts(tok, n)
     kw = dict(max_new_tokens=max_new_tokens, stop_strings=stops, batch_size=batch_size, progress=False)

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
+from fedsb.adapter.inject import inject_adapters
 from fedsb.bench.timing import interleave, load_average, ratio, summarize
+from fedsb.bench.train import DEFAULT_TARGETS, load_base
+from fedsb.data import collate, tokenize_all
+from fedsb.evaluation import task_template
+from fedsb.init import estimate_gradients, layer_generator
+from fedsb.init.svd import randomized_svd
+from fedsb.tasks import get_task
 
 
 def measure_init(
@@ -34,14 +41,6 @@ def measure_init(
     targets: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from fedsb.adapter.inject import inject_adapters
-    from fedsb.bench.train import DEFAULT_TARGETS, load_base
-    from fedsb.data import collate, tokenize_all
-    from fedsb.evaluation import task_template
-    from fedsb.init import estimate_gradients, layer_generator
-    from fedsb.init.svd import randomized_svd
-    from fedsb.tasks import get_task
-
     model, tok = load_base(model_name)
     layers = inject_adapters(model, list(targets or DEFAULT_TARGETS), kind="lorasb", rank=min(ranks))
     task = get_task("gsm8k")

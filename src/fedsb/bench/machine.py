@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from fedsb.precision import cpu_has_fast_bf16
+
 # CPU flags that decide how fast bf16 (and int8) matmuls can be on x86.
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -36,8 +38,6 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    from fedsb.precision import cpu_has_fast_bf16
-
     flags = cpu_flags()
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

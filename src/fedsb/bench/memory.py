@@ -57,7 +57,7 @@ def run_child(function: str, kwargs: dict[str, Any], *, timeout: float | None = 
 
     The function must return a JSON-able dict; the child adds its peak RSS (`process_peak_rss_bytes`).
     """
-    import torch
+    import torch  # slow dependency (torch): fedsb.bench.child loads this module into every measured process
 
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the child uses the parent's thread count

@@ -20,9 +20,14 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from fedsb.aggregation import get_strategy
 from fedsb.bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, run_child
+from fedsb.bench.timing import load_average
+from fedsb.commands.demo import demo_config_dict
+from fedsb.config import config_from_dict
 
 PHASES = ("model load", "init gradient pass", "init SVD", "client training", "aggregation", "evaluation", "other")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,8 +59,6 @@ def issue_config(model_name: str | None = None, /, *, precision: str = "bf16", t
 
 def demo_config(model_name: str | None = None, /, *, precision: str = "bf16", **sections: dict) -> dict[str, Any]:
     """`fedsb demo`'s Fed-SB run (the embedded default: 10 clients, 3 rounds, scored every round)."""
-    from fedsb.commands.demo import demo_config_dict
-
     cfg = demo_config_dict()
     cfg.setdefault("train", {})["precision"] = precision
     if model_name is not None:
@@ -104,7 +107,7 @@ class PhaseRecorder:
             rec["peak_rss_bytes"] = max(rec["peak_rss_bytes"], peak)
             rec["growth_bytes"] = max(rec["growth_bytes"], peak - entry)
             if cuda:
-                import torch
+                import torch  # slow dependency (torch)
 
                 rec["cuda_peak_bytes"] = max(rec.get("cuda_peak_bytes", 0), torch.cuda.max_memory_allocated())
             reset_peak_rss()
@@ -123,7 +126,7 @@ class PhaseRecorder:
 
 
 def _cuda_reset() -> bool:
-    import torch
+    import torch  # slow dependency (torch)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -133,7 +136,7 @@ def _cuda_reset() -> bool:
 
 def model_holders(model: Any) -> dict[str, Any]:
     """Bytes held by the model, by role and dtype, and by the adapters' cached low-precision copies."""
-    from fedsb.adapter.inject import adapter_layers
+    from fedsb.adapter.inject import adapter_layers  # imports torch (fedsb.adapter.inject)
 
     layers = adapter_layers(model)
     role: dict[int, str] = {}
@@ -163,8 +166,8 @@ def model_holders(model: Any) -> dict[str, Any]:
 
 def computed_holders(model: Any, group_size: int) -> dict[str, int]:
     """Holders that only live inside a phase, computed from shapes."""
-    from fedsb.adapter.inject import adapter_layers
-    from fedsb.init import layer_groups
+    from fedsb.adapter.inject import adapter_layers  # imports torch (fedsb.adapter.inject)
+    from fedsb.init import layer_groups  # imports torch (fedsb.init)
 
     layers = adapter_layers(model)
     largest = max(sum(layer.base_layer.weight.numel() for layer in g.values()) for g in layer_groups(layers, group_size))
@@ -178,14 +181,12 @@ def computed_holders(model: Any, group_size: int) -> dict[str, int]:
 def profile_run(config: dict[str, Any], out_dir: str, threads: int | None = None) -> dict[str, Any]:
     """Run `run_experiment(config)` with its phases recorded (call in a fresh process)."""
     t_start = time.perf_counter()
-    import torch
+    import torch  # slow dependency (torch)
 
     if threads:
         torch.set_num_threads(threads)
-    import fedsb.init as init_module
-    from fedsb.aggregation import get_strategy
-    from fedsb.config import config_from_dict
-    from fedsb.federated import experiment, federation, transport
+    import fedsb.init as init_module  # imports torch (fedsb.init)
+    from fedsb.federated import experiment, federation, transport  # imports torch (fedsb.federated.experiment)
 
     rec = PhaseRecorder()
     cfg = config_from_dict(config)
@@ -203,11 +204,11 @@ def profile_run(config: dict[str, Any], out_dir: str, threads: int | None = None
         clients.append(result)
         return result
 
-    real_build, real_train = federation.build_federation, transport.client_round
+    real_build, real_train = federation.build_federation, transport.LocalClients.train
     strategy_cls = get_strategy(cfg.federation.strategy)
     patches = [
         (federation, "build_federation", rec.wrap("model load", build)),
-        (transport, "client_round", rec.wrap("client training", train)),
+        (transport.LocalClients, "train", rec.wrap("client training", train)),
         (federation, "evaluate_federation", rec.wrap("evaluation", federation.evaluate_federation)),
         (init_module, "estimate_gradients", rec.wrap("init gradient pass", init_module.estimate_gradients)),
         (init_module, "sign_step_factors", rec.wrap("init SVD", init_module.sign_step_factors)),
@@ -256,10 +257,6 @@ def measure_memory_phases(
 
     `variants` maps a name to config overrides; default: "before" (`BEFORE`) and "after" (defaults).
     """
-    from pathlib import Path
-
-    from fedsb.bench.timing import load_average
-
     variants = variants if variants is not None else {"before": BEFORE, "after": {}}
     saved = Path(out_root) / "runs.json"  # finished runs survive a crash or an OOM kill of the parent
     runs: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}

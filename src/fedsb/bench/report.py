@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedsb.bench.phases import render_phases
+
 
 def _mmm(s: dict[str, Any] | None, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
     """median (min-max) of a `spread` summary."""
@@ -164,8 +166,6 @@ def render_markdown(r: dict[str, Any]) -> str:
         parts.append(f"Memory growth {c['memory_growth_from']}: {100 * c['memory_growth']:.2f}%. "
                      f"Time per round = {fit['intercept_s']:.2f} s + {fit['slope_s_per_client']:.3f} s x clients (R^2 = {fit['r2']:.3f}).\n")
     if "phases" in r:
-        from fedsb.bench.phases import render_phases
-
         parts.append("## Memory per phase (issue 19's GSM8K run; before = fp32 masters, physical batch 1, "
                      "one-pass init; one fresh process each)\n")
         parts.append(render_phases(r["phases"]))

@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsb.bench.report import render_markdown, targets_check
+from fedsb.bench.timing import load_average
+
 SECTIONS = ("train", "memory", "profile", "generate", "init", "round", "clients", "phases")
 
 
@@ -75,12 +78,10 @@ def run_bench(
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run the chosen sections; write `bench.json` and `bench.md` into `out`; return the results."""
-    import torch
+    import torch  # slow dependency (torch): fedsb.bench stays torch-free (fedsb.bench.child loads it into every measured process)
 
-    from fedsb.bench import federation, generation, init, phases, train
-    from fedsb.bench.machine import machine_info
-    from fedsb.bench.report import render_markdown, targets_check
-    from fedsb.bench.timing import load_average
+    from fedsb.bench import federation, generation, init, phases, train  # imports torch (fedsb.bench.init, fedsb.bench.train)
+    from fedsb.bench.machine import machine_info  # imports torch (fedsb.bench.machine)
 
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

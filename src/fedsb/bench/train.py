@@ -17,13 +17,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
-from fedsb.adapter.inject import inject_adapters, mark_trainable
+from fedsb.adapter.inject import inject_adapters, mark_trainable, resolve_targets
 from fedsb.bench.flops import step_flops
 from fedsb.bench.machine import matmul_fn
-from fedsb.bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from fedsb.bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, run_child
 from fedsb.bench.timing import Sample, interleave, load_average, rate, ratio, spread, summarize
 from fedsb.config import AdapterConfig
+from fedsb.data import collate, tokenize_all
+from fedsb.evaluation import task_template
+from fedsb.init import init_random
+from fedsb.models import load_model
+from fedsb.tasks import get_task
 from fedsb.training import make_optimizer, train_steps
 
 DEFAULT_TARGETS: list[str] = list(AdapterConfig().targets)  # the seven projections
@@ -57,8 +64,6 @@ class Variant:
 
 
 def load_base(model_name: str | None) -> tuple[nn.Module, Any]:
-    from fedsb.models import load_model
-
     model, tok = load_model(model_name, "causal")
     model.requires_grad_(False)
     return model, tok
@@ -71,13 +76,12 @@ def build_variant(base: nn.Module, variant: Variant, targets: Sequence[str], *, 
         model.requires_grad_(True)
         return model, [p for p in model.parameters() if p.requires_grad]
     if variant.kind == "peft":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # slow dependency (peft), only for the peft LoRA variant
 
         torch.manual_seed(seed)
         cfg = LoraConfig(r=variant.rank, lora_alpha=2 * variant.rank, target_modules=list(targets), lora_dropout=0.0)
         model = get_peft_model(model, cfg)
         return model, [p for p in model.parameters() if p.requires_grad]
-    from fedsb.init import init_random
 
     layers = inject_adapters(model, list(targets), kind="lorasb" if variant.kind == "lorasb" else "lora", rank=variant.rank)
     if variant.kind == "lorasb":
@@ -108,10 +112,6 @@ def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, T
 
 def task_batch(tokenizer: Any, task_name: str, batch: int, max_length: int = 256) -> dict[str, Tensor]:
     """The first `batch` training examples of a task, tokenized and collated as clients do."""
-    from fedsb.data import collate, tokenize_all
-    from fedsb.evaluation import task_template
-    from fedsb.tasks import get_task
-
     task = get_task(task_name)
     items = tokenize_all(task.train_examples(limit=batch), tokenizer, task_template(task), max_length)
     return collate(items, tokenizer.pad_token_id)
@@ -139,8 +139,6 @@ def step_callable(
 
 def counted_flops(fn: Callable[[], Any]) -> float:
     """Matmul/attention FLOPs of one call, as torch's FlopCounterMode counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
@@ -252,8 +250,6 @@ class _Named:
 
 
 def _resolved(base: nn.Module, targets: list[str]) -> list[str]:
-    from fedsb.adapter.inject import resolve_targets
-
     return resolve_targets(base, targets)
 
 
@@ -308,8 +304,6 @@ def step_memory(model_name: str | None, variant: str, precision: str, batch: int
 
 
 def measure_memory(model_name: str | None, variants: Sequence[str], precisions: Sequence[str], *, batch: int = 4, seq: int = 128, steps: int = 2, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from fedsb.bench.memory import run_child
-
     out: dict[str, Any] = {"method": "RSS high-water mark (VmHWM reset after loading) in a fresh process per setting", "runs": {}}
     for v in variants:
         for prec in precisions:
@@ -336,8 +330,6 @@ def profile_step(
     custom: CustomVariant | None = None,
 ) -> dict[str, Any]:
     """torch.profiler over `steps` training steps (after one warm-up): top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     base, _ = load_base(model_name)
     data = random_batch(base.config.vocab_size, batch, seq)
     if custom is not None:

@@ -26,9 +26,9 @@ def bench(
     threads: Annotated[int | None, typer.Option(min=1, help="torch intra-op threads (default: torch's choice)")] = None,
 ) -> None:
     """Benchmark training (LoRA-SB vs peft LoRA vs full, fp32 vs bf16), generation, init and rounds."""
-    import torch
+    import torch  # slow dependency (torch): the CLI stays torch-free
 
-    from fedsb.bench.suite import SECTIONS, BenchSettings, run_bench
+    from fedsb.bench.suite import SECTIONS, BenchSettings, run_bench  # fedsb.bench loads its report and phase modules (~15 ms): kept off the CLI's start-up
 
     bad = [s for s in section or [] if s not in SECTIONS]
     if bad:

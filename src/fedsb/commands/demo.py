@@ -50,7 +50,7 @@ def curve(out: Path, summary: dict[str, Any]) -> list[tuple[float, float]]:
 
 
 def run_demo(out: Path, *, quick: bool = False, strategies: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    from fedsb.federated.experiment import run_experiment
+    from fedsb.federated.experiment import run_experiment  # slow dependency (torch): the CLI stays torch-free
 
     console = Console()
     strategies = strategies or demo_strategies()

@@ -18,7 +18,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from fedsb.aggregation import get_strategy
+from fedsb.config import load_config
 from fedsb.errors import FedsbError
+from fedsb.rundir import MARKER, RUN_FILES
 
 LM_EVAL = (
     "HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained={base},peft={out},dtype=float32 "
@@ -28,7 +31,7 @@ LM_EVAL = (
 
 def lm_eval_device() -> str:
     """lm-eval's `--device` for this machine: the first CUDA device when torch sees one."""
-    import torch
+    import torch  # slow dependency (torch): the CLI stays torch-free
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
@@ -44,8 +47,7 @@ def check_out_dir(adapter: Path, out_dir: Path, *, force: bool) -> list[Path]:
     """Refuse an OUT_DIR inside what fedsb owns (a results folder's adapter/, checkpoint/, the
     folder itself; any fedsb adapter) or, without `force`, a non-empty one; return the stale
     files of a previous export that `force` replaces."""
-    from fedsb.adapter.export import WEIGHTS_NAME
-    from fedsb.rundir import MARKER, RUN_FILES
+    from fedsb.adapter.export import WEIGHTS_NAME  # imports torch (fedsb.adapter.export): the CLI stays torch-free
 
     out = out_dir.resolve()
     src = adapter.resolve()
@@ -69,7 +71,7 @@ def check_out_dir(adapter: Path, out_dir: Path, *, force: bool) -> list[Path]:
 
 def adapter_folder(run_dir: Path) -> Path:
     """The adapter of a results folder (RUN_DIR/adapter), or RUN_DIR itself if it is one."""
-    from fedsb.adapter.export import CONFIG_NAME
+    from fedsb.adapter.export import CONFIG_NAME  # imports torch (fedsb.adapter.export): the CLI stays torch-free
 
     for cand in (run_dir / "adapter", run_dir):
         if (cand / CONFIG_NAME).is_file():
@@ -83,8 +85,6 @@ def check_strategy(run_dir: Path) -> None:
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         return
-    from fedsb.aggregation import get_strategy
-    from fedsb.config import load_config
 
     strategy = load_config(cfg_path).federation.strategy
     if get_strategy(strategy).modifies_base:
@@ -96,7 +96,7 @@ def check_strategy(run_dir: Path) -> None:
 
 def base_reference(name: str | None, kind: str) -> tuple[str, str]:
     """(base_model_name_or_path, one README line on how it reproduces the training weights)."""
-    from fedsb.models import DEFAULT_CAUSAL_LM, TINY_MODELS, cache_dir, resolve_model_path
+    from fedsb.models import DEFAULT_CAUSAL_LM, TINY_MODELS, cache_dir, resolve_model_path  # imports torch (fedsb.models): the CLI stays torch-free
 
     if name in TINY_MODELS:
         raise typer.BadParameter(f"{name!r} is a random model built in memory; save it with save_pretrained and pass --base")
@@ -123,8 +123,8 @@ def export_command(
     force: Annotated[bool, typer.Option(help="export into a non-empty OUT_DIR: a previous export's files there are replaced, other files kept")] = False,
 ) -> None:
     """Write a run's adapter as a peft LoRA adapter (files 0644) with a README saying how to score it."""
-    from fedsb.adapter.export import export_peft_lora, load_adapter, read_adapter_config
-    from fedsb.models import load_model
+    from fedsb.adapter.export import export_peft_lora, load_adapter, read_adapter_config  # imports torch (fedsb.adapter.export)
+    from fedsb.models import load_model  # imports torch (fedsb.models)
 
     adapter = adapter_folder(run_dir)
     stale = check_out_dir(adapter, out_dir, force=force)
@@ -144,7 +144,7 @@ def export_command(
 
 
 def write_readme(out_dir: Path, adapter: Path, config: dict[str, Any], base_path: str, how: str) -> None:
-    from fedsb.adapter.export import atomic_write_bytes
+    from fedsb.adapter.export import atomic_write_bytes  # imports torch (fedsb.adapter.export): the CLI stays torch-free
 
     text = (
         f"# peft LoRA adapter exported by fedsb\n\n"

@@ -34,6 +34,7 @@ from typing import Annotated, Any
 import typer
 
 from fedsb.aggregation import get_strategy, strategy_names
+from fedsb.commands.workers import argv_without, run_workers
 from fedsb.config import load_config
 from fedsb.report import splice_generated
 
@@ -109,13 +110,13 @@ def plan_cells(methods: list[tuple[str, int]], epsilons: list[float], settings: 
 
 def run_one(config_path: Path, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """One adapter run (a finished one is read back, a half-finished one resumes)."""
-    from fedsb.federated.experiment import run_or_resume
+    from fedsb.federated.experiment import run_or_resume  # slow dependency (torch): the CLI stays torch-free
 
     return run_or_resume(load_config(config_path, overrides), out_dir)
 
 
 def run_reference_cell(config_path: Path, overrides: list[str], kind: str, lr: float | None) -> dict[str, Any]:
-    from fedsb.privacy.reference import run_reference
+    from fedsb.privacy.reference import run_reference  # imports torch and opacus (fedsb.privacy.reference)
 
     return run_reference(load_config(config_path, overrides), kind, lr=lr)
 
@@ -128,7 +129,7 @@ def cell_json(runs_dir: Path, cell: Cell) -> Path:
 def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None], private: Sequence[str] = ()) -> dict[str, Any] | None:
     """The cell's row: read from its JSON if it ran before, else run it and write the JSON
     atomically; None when another live process holds the cell."""
-    from fedsb.sweep.cells import release, try_claim
+    from fedsb.sweep.cells import release, try_claim  # imports torch (fedsb.sweep.cells): the CLI stays torch-free
 
     path = cell_json(runs_dir, cell)
     if path.exists():
@@ -146,7 +147,7 @@ def run_cell(cell: Cell, config_path: Path, *, overrides: list[str], runs_dir: P
 
 
 def _run_claimed(cell: Cell, config_path: Path, path: Path, *, overrides: list[str], runs_dir: Path, baseline_alpha: float | None, reference_lr: dict[str, float | None], private: Sequence[str]) -> dict[str, Any]:
-    from fedsb.adapter.export import atomic_write_json
+    from fedsb.adapter.export import atomic_write_json  # imports torch (fedsb.adapter.export): the CLI stays torch-free
 
     cpu, wall = time.process_time(), time.perf_counter()
     ov = [*overrides, *cell.overrides(baseline_alpha, private)]
@@ -179,7 +180,7 @@ def _run_claimed(cell: Cell, config_path: Path, path: Path, *, overrides: list[s
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (setting, method, rank, target epsilon): mean and spread over seeds."""
-    from fedsb.evaluation import wilson_interval
+    from fedsb.evaluation import wilson_interval  # imports torch (fedsb.evaluation): the CLI stays torch-free
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -258,10 +259,10 @@ def render_markdown(entries: list[dict[str, Any]], *, notes: list[str], cpu_seco
 
 def plot(entries: list[dict[str, Any]], path: Path) -> None:
     """Accuracy against epsilon, one line per method, one panel per setting (spread as error bars)."""
-    import matplotlib
+    import matplotlib  # slow dependency (matplotlib), only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow dependency (matplotlib), after its backend is chosen
 
     epsilons = sorted({e["target_epsilon"] for e in entries}, key=_eps_key)
     xs = {t: i for i, t in enumerate(epsilons)}
@@ -327,8 +328,6 @@ def privacy_table(
     if report_only:
         workers, cells_only = 1, False
     if workers > 1:  # the same command in N processes that only run cells; this one then tables them
-        from fedsb.commands.workers import argv_without, run_workers
-
         if run_workers([*argv_without("--workers", sys.argv[1:]), "--cells-only"], workers):
             raise typer.Exit(1)
     rows = []

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from fedsb.rundir import atomic_write_bytes, atomic_write_json
+from fedsb.config import ConfigError, load_config
+from fedsb.rundir import RunDirError, RunLock, atomic_write_bytes, atomic_write_json
 from fedsb.report import human_bytes
 
 from fedsb.aggregation import get_strategy, table_order
@@ -72,9 +73,7 @@ def results(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="extra overrides for every run")] = None,
 ) -> None:
     """Run each experiment for each strategy; write a markdown table per experiment."""
-    from fedsb.config import load_config
-    from fedsb.federated.experiment import run_or_resume
-    from fedsb.rundir import RunDirError, RunLock
+    from fedsb.federated.experiment import run_or_resume  # slow dependency (torch): the CLI stays torch-free
 
     console = Console()
     sections: dict[str, str] = {}
@@ -115,8 +114,7 @@ def sibling_base_eval(experiment_dir: Path, config: Any) -> dict[str, Any] | Non
     """The base model's evaluation from another run of this experiment whose config gives the
     same `base_eval_key` (a finished run's summary, or the file a run writes as soon as it has
     evaluated the base model, even if it died afterwards); None if there is none."""
-    from fedsb.config import ConfigError, load_config
-    from fedsb.federated.experiment import BASE_EVAL_FILE, base_eval_key
+    from fedsb.federated.experiment import BASE_EVAL_FILE, base_eval_key  # imports torch (fedsb.federated.experiment): the CLI stays torch-free
 
     key = base_eval_key(config)
     for run_dir in sorted(p for p in experiment_dir.iterdir() if p.is_dir()):

@@ -11,6 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from fedsb.commands.workers import exit_on_sigterm, run_workers
+from fedsb.config import ConfigError
+from fedsb.sweep import load_sweep
+
 PHASE_NAMES = ("select", "test", "report")
 
 
@@ -23,9 +27,7 @@ def sweep(
     threads: Annotated[int, typer.Option(min=1, help="torch threads per process")] = 1,
 ) -> None:
     """Run the grid (strategy x rank x lr x seed), select lrs on validation, score on test, report."""
-    from fedsb.config import ConfigError
-    from fedsb.sweep import load_sweep
-    from fedsb.sweep.runner import run_sweep
+    from fedsb.sweep.runner import run_sweep  # imports torch (fedsb.sweep.runner): the CLI stays torch-free
 
     phases = tuple(phase or PHASE_NAMES)
     bad = [p for p in phases if p not in PHASE_NAMES]
@@ -37,7 +39,6 @@ def sweep(
     except ConfigError as e:
         typer.echo(f"sweep config error: {e}", err=True)
         raise typer.Exit(2) from None
-    from fedsb.commands.workers import exit_on_sigterm, run_workers
 
     if workers > 1:
         args = ["sweep", str(spec), "--threads", str(threads)]
@@ -46,7 +47,7 @@ def sweep(
         if code := run_workers(args, workers):
             raise typer.Exit(code)
         return
-    import torch
+    import torch  # slow dependency (torch): the CLI stays torch-free
 
     # A stop (SIGTERM, e.g. the end of a session) unwinds like Ctrl-C: the running cell records
     # its attempt's CPU time and releases its claim; its checkpoints let it resume later.

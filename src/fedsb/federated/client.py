@@ -5,7 +5,8 @@ loop on one shared model; a Flower ClientApp calls it once per message). How the
 are taken is a `StepRunner`: plain AdamW steps (`SgdSteps`) or DP-SGD with opacus
 (`fedsb.privacy.client.DpSgdSteps`). What a client keeps between rounds (its optimizer state,
 its privacy accountant's history) goes in and comes back as a `ClientState`: the caller decides
-where it lives (a `ClientData` in process, the node's cache under Flower).
+where it lives (the `Experiment`'s `ClientStates` in process, the node's cache under Flower);
+a `ClientData` is the client's data only.
 
 A client is a data partition (plus its state), never a model copy.
 """
@@ -52,7 +53,6 @@ class ClientData:
     client_id: int
     items: list[Tokenized]
     classification: bool = False
-    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def num_examples(self) -> int:

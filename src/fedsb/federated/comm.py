@@ -13,7 +13,8 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+import sys
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,14 +215,23 @@ def decode(
     expected: Mapping[str, tuple[int, ...]] | None = None,
     max_bytes: int | None = None,
     max_header: int | None = None,
+    *,
+    keys: Collection[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Validate and parse a payload; return fp32 tensors and the metadata.
 
     Checks run cheapest first (size, header, keys, shapes, dtypes) so that an oversized or
     malformed upload is rejected before its tensor data is materialized. Never unpickles, and
     never raises anything but `PayloadError` on bad bytes.
+
+    `keys`: materialize only the payload's tensors named there (names absent from the payload
+    are ignored), e.g. a client that needs the trainable part of a FedEx download and not its
+    residuals. The header and the data layout are validated as a whole as without `keys`; the
+    finiteness check covers the returned tensors only. The values are equal to the full decode's.
     """
     try:
+        if keys is not None:
+            return _decode_some(data, keys, expected, max_bytes, max_header or _MAX_HEADER)
         return _decode_unchecked(data, expected, max_bytes, max_header or _MAX_HEADER)
     except PayloadError:
         raise
@@ -229,9 +239,9 @@ def decode(
         raise PayloadError(f"unparsable payload: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _decode_unchecked(
+def _check_header(
     data: bytes, expected: Mapping[str, tuple[int, ...]] | None, max_bytes: int | None, max_header: int
-) -> tuple[dict[str, Tensor], dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     header, metadata = _parse_header(data, max_header)
@@ -249,12 +259,60 @@ def _decode_unchecked(
     for name, info in header.items():
         if info["dtype"] not in _FLOAT_ST:
             raise PayloadError(f"tensor {name[:80]!r} has non-float dtype {info['dtype']}")
+    return header, metadata
+
+
+def _decode_unchecked(
+    data: bytes, expected: Mapping[str, tuple[int, ...]] | None, max_bytes: int | None, max_header: int
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    header, metadata = _check_header(data, expected, max_bytes, max_header)
     try:
         raw = safetensors.torch.load(bytes(data))
     except Exception as e:  # the Rust parser's errors: offsets, lengths, overlaps
         raise PayloadError(f"unparsable payload: {e}") from None
     out: dict[str, Tensor] = {}
     for name, t in raw.items():
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"tensor {name!r} contains NaN or Inf")
+        out[name] = t
+    return out, dict(metadata)
+
+
+_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _decode_some(
+    data: bytes, keys: Collection[str], expected: Mapping[str, tuple[int, ...]] | None, max_bytes: int | None, max_header: int
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`decode` of the tensors named in `keys` only: the others' bytes are never copied."""
+    if sys.byteorder != "little":  # safetensors is little-endian; let it byte-swap everything
+        full, metadata = _decode_unchecked(data, expected, max_bytes, max_header)
+        return {k: v for k, v in full.items() if k in keys}, metadata
+    header, metadata = _check_header(data, expected, max_bytes, max_header)
+    # The layout rule safetensors' own parser enforces: the tensors tile the data section
+    # exactly, in offset order, with no gap and no overlap.
+    (n,) = struct.unpack("<Q", data[:8])
+    start, data_len, end = 8 + n, len(data) - 8 - n, 0
+    in_order = sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"]))  # layout order
+    for name, info in in_order:
+        begin, stop = info["data_offsets"]
+        if begin != end:
+            raise PayloadError(f"unparsable payload: tensor {name[:80]!r} starts at offset {begin}, expected {end}")
+        end = stop
+    if end != data_len:
+        raise PayloadError(f"unparsable payload: the tensors cover {end} of the {data_len}-byte data section")
+    out: dict[str, Tensor] = {}
+    view = memoryview(data)
+    for name, info in in_order:
+        if name not in keys:
+            continue
+        begin, stop = info["data_offsets"]
+        dtype, shape = _TORCH_DTYPE[info["dtype"]], info["shape"]
+        if stop == begin:
+            t = torch.empty(shape, dtype=dtype, device="cpu")
+        else:  # a writable copy of this tensor's bytes only
+            t = torch.frombuffer(bytearray(view[start + begin : start + stop]), dtype=dtype).reshape(shape)
         t = t.to(torch.float32)
         if not bool(torch.isfinite(t).all()):
             raise PayloadError(f"tensor {name!r} contains NaN or Inf")

@@ -3,8 +3,10 @@
     setup -> base evaluation -> init -> [ round: sample -> transport -> aggregate -> evaluate
                                           -> privacy accounting -> checkpoint ] -> summary
 
-`Experiment` owns everything above; a `Transport` owns only the arrow "download + sampled
-clients -> their `ClientUpdate`s (or failures)":
+`Experiment` owns everything above, the clients' state between rounds included (`ClientStates`);
+a `Transport` owns only the arrow "download + one `ClientTask` per sampled client (plan, state,
+noise) -> their `ClientUpdate`s (or failures)", and sees the run as a `RunContext`, never the
+`Federation`:
 
 - `InProcessTransport` (`fedsb.federated.transport`): clients train one after the other on the
   server's own model, every payload through the wire format;
@@ -17,12 +19,15 @@ engines have it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -33,24 +38,101 @@ from fedsb.config import ExperimentConfig, dump_config
 from fedsb.errors import FedsbError
 from fedsb.federated import comm
 from fedsb.federated import federation as _federation  # build/evaluate looked up at call time (tests and the profiler wrap them)
-from fedsb.federated.checkpoint import load_checkpoint, save_checkpoint
+from fedsb.federated.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from fedsb.federated.client import ClientState, ClientUpdate, LocalPlan
 from fedsb.federated.exactness import ExactnessMeter
 from fedsb.federated.partition import sample_clients
 from fedsb.federated.federation import Federation, initialize_adapter
-from fedsb.federated.transport import InProcessTransport, RunContext, Transport
+from fedsb.federated.transport import ClientTask, InProcessTransport, LocalClients, RunContext, Transport
 from fedsb.rundir import atomic_write_json, publish_result
 
+if TYPE_CHECKING:
+    from fedsb.privacy.state import PrivacyState
 
-def play_round(fed: Federation, transport: Transport, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
+
+# --- what the driver hands a transport ------------------------------------------------------
+
+
+class ClientStates:
+    """What every client keeps between rounds, in one place: the driver's, checkpointed with the run.
+
+    The optimizer state (train.keep_optimizer_state) is held here per client id. The DP
+    accountant's history has one owner, the client's ledger in `PrivacyState.clients` (which
+    calibrates the noise, computes epsilon and is checkpointed as the meta's "privacy"): only
+    this class reads it into a round's `ClientTask` and writes back what a client returns.
+    """
+
+    def __init__(self, privacy: PrivacyState | None, keep_optimizer: bool, optimizer: Mapping[int, dict[str, Any]] | None = None) -> None:
+        self.privacy = privacy
+        self.keep_optimizer = keep_optimizer
+        self.optimizer: dict[int, dict[str, Any]] = dict(optimizer or {})
+
+    def state(self, client_id: int) -> ClientState:
+        """What client `client_id` resumes from this round."""
+        ledger = self.privacy.clients.get(client_id) if self.privacy is not None else None
+        return ClientState(optimizer=self.optimizer.get(client_id), privacy_history=ledger.history if ledger is not None else None)
+
+    def record(self, reports: Iterable[ClientUpdate]) -> None:
+        """Keep what the round's clients returned (a Flower node keeps its optimizer itself)."""
+        for u in reports:
+            if self.keep_optimizer and u.state.optimizer is not None:
+                self.optimizer[u.client_id] = u.state.optimizer
+            if self.privacy is not None and u.state.privacy_history is not None and u.client_id in self.privacy.clients:
+                self.privacy.clients[u.client_id].history = u.state.privacy_history  # the server's view of its accountant
+
+    def checkpointed(self) -> dict[int, dict[str, Any]]:
+        """The optimizer states to checkpoint, by client id."""
+        return {cid: self.optimizer[cid] for cid in sorted(self.optimizer) if self.optimizer[cid]}
+
+
+def local_plan(fed: Federation, client_id: int) -> LocalPlan:
+    """What client `client_id`'s round needs from the run (the same on a Flower node)."""
+    return LocalPlan(
+        train=fed.config.train,
+        seed=fed.config.seed,
+        precision=fed.precision,
+        pad_id=fed.tokenizer.pad_token_id,
+        head_modules=fed.head_modules,
+        steps=fed.steps_per_round[client_id],
+        total_steps=fed.total_steps(client_id),
+    )
+
+
+def client_task(fed: Federation, client_id: int, state: ClientState) -> ClientTask:
+    """One client's round: its plan, the state it resumes from, its DP-SGD noise (privacy.enabled)."""
+    noise = fed.privacy.clients[client_id].noise_multiplier if fed.config.privacy.enabled else None
+    return ClientTask(client_id, local_plan(fed, client_id), state, noise)
+
+
+def local_clients(fed: Federation) -> LocalClients:
+    """The clients' data this process holds, for the in-process transport."""
+    return LocalClients(fed.config, fed.model, fed.strategy.load_global, fed.clients)
+
+
+def client_round(fed: Federation, client_id: int, round_index: int, global_state: dict[str, Tensor], state: ClientState) -> ClientUpdate:
+    """The in-process engine's round of one client of `fed` (a Flower node trains its partition
+    with it; tests compare against it)."""
+    return local_clients(fed).train(client_task(fed, client_id, state), round_index, global_state)
+
+
+def run_context(fed: Federation, ledger: comm.CommLedger, *, holds_data: bool = True) -> RunContext:
+    """The run as a transport sees it; `holds_data=False`: a data-free server (counts {})."""
+    counts = {c.client_id: c.num_examples for c in fed.clients} if holds_data else {}
+    return RunContext(fed.config, fed.strategy, fed.model, ledger, fed.steps_per_round, counts)
+
+
+def play_round(fed: Federation, transport: Transport, round_index: int, download: bytes, run: RunContext, meter: ExactnessMeter | None, states: ClientStates) -> tuple[dict[str, Any], bytes]:
     """One round on any transport; returns (metrics row, the payload every client downloads next)."""
     fcfg = fed.config.federation
+    ledger = run.ledger
     wall = time.perf_counter()
     sampled = sample_clients(fcfg.num_clients, fcfg.client_fraction, seed=fed.config.seed, round_index=round_index)
+    tasks = [client_task(fed, cid, states.state(cid)) for cid in sampled]
     fed.strategy.begin_round(fed.model)
     meter = meter if transport.per_client else None
     if meter is not None:
         meter.begin_round(fed.model, snapshot_base=fed.strategy.modifies_base)
-    ex = transport.exchange(RunContext(fed, ledger), round_index, download, sampled)
+    ex = transport.exchange(run, round_index, download, tasks)
     aggregate = 0.0
     for update in ex.updates:
         t0 = time.perf_counter()
@@ -69,10 +151,7 @@ def play_round(fed: Federation, transport: Transport, round_index: int, download
     t0 = time.perf_counter()
     encoded = comm.encode(next_download, fcfg.wire_dtype)
     serialize = time.perf_counter() - t0
-    if fed.privacy is not None:  # the server's view of each client's accountant
-        for u in ex.reports:
-            if u.state.privacy_history is not None and u.client_id in fed.privacy.clients:
-                fed.privacy.clients[u.client_id].history = u.state.privacy_history
+    states.record(ex.reports)
     reports = ex.reports
     weights = [r.num_examples for r in reports]
     up = ledger.up[round_index] if ledger.rounds > round_index else {}
@@ -106,9 +185,6 @@ BASE_EVAL_FILE = "eval_before.json"  # the base model's evaluation, written as s
 def base_eval_key(config: ExperimentConfig) -> str:
     """What the base model's evaluation depends on (model, task and its evaluation, seed,
     precision, length): runs with equal keys, e.g. the strategies of one experiment, share it."""
-    import dataclasses
-    import hashlib
-
     parts = {"model": dataclasses.asdict(config.model), "task": dataclasses.asdict(config.task), "seed": config.seed, "precision": config.train.precision, "max_length": config.train.max_length}
     if config.federation.client_data is not None:  # the parties' eval files are the evaluation set
         parts["client_data"] = config.federation.client_data
@@ -153,8 +229,6 @@ class RunState:
 
 
 def config_sha256(config: ExperimentConfig) -> str:
-    import hashlib
-
     return hashlib.sha256(dump_config(config).encode()).hexdigest()
 
 
@@ -175,44 +249,66 @@ class Experiment:
         self.base_eval = base_eval  # the base model's evaluation from a sibling run (same model, seed, eval)
         self.fed: Federation | None = None
         self.ledger = comm.CommLedger()
+        self.states: ClientStates | None = None  # every client's state between rounds (`ClientStates`)
 
-    def run(self, transport: Transport, *, resume: bool = False, fed: Federation | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        transport: Transport,
+        *,
+        resume: bool = False,
+        counts: Mapping[int, int] | None = None,
+        remote_eval: Callable[[RunContext], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """counts: {client id: example count} of clients this server holds no data of (a Flower
+        deployment whose nodes hold their own): the federation is built data-free from them.
+        remote_eval: the evaluation, asked of the nodes (on their own files) instead of run here."""
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter()
-        fed = self.fed = fed or _federation.build_federation(config)
+        fed = self.fed = _federation.build_federation(config) if counts is None else _federation.build_federation(config, counts=counts)
+        if isinstance(transport, InProcessTransport) and transport.clients is None:
+            transport.clients = local_clients(fed)  # the in-process engine trains the clients this server holds
+
+        def evaluate(run: RunContext) -> dict[str, Any]:
+            if remote_eval is not None:  # the nodes evaluate on their own files
+                return remote_eval(run) if config.task.eval_mode != "none" else {}
+            return _federation.evaluate_federation(fed)
+
         meter = ExactnessMeter() if config.federation.measure_exactness else None
         sha = config_sha256(config)
         meta: dict[str, Any] | None = None
+        keep = config.train.keep_optimizer_state
         if resume:
             meta, opt_states = load_checkpoint(self.out_dir, fed.model, fed.head_modules)
-            for cid, opt in opt_states.items():
-                fed.clients[cid].optimizer_state = opt
+            self.states = ClientStates(fed.privacy, keep, opt_states)
             state = RunState.from_meta(meta)
             if fed.privacy is not None:
                 fed.privacy.load_dict(state.privacy or {})
+            run = run_context(fed, state.ledger, holds_data=counts is None)
             download = comm.encode(_download_from_meta(fed, meta), config.federation.wire_dtype)
         else:
+            self.states = ClientStates(fed.privacy, keep)
             atomic_write_bytes(self.out_dir / "config.toml", dump_config(config).encode())
-            before = self.base_eval if self.base_eval is not None else _federation.evaluate_federation(fed)  # adapters are no-ops
-            atomic_write_json(self.out_dir / BASE_EVAL_FILE, {"key": base_eval_key(config), "eval": before})  # kept if the run dies
             ledger = comm.CommLedger()
+            run = run_context(fed, ledger, holds_data=counts is None)
+            before = self.base_eval if self.base_eval is not None else evaluate(run)  # adapters are no-ops
+            atomic_write_json(self.out_dir / BASE_EVAL_FILE, {"key": base_eval_key(config), "eval": before})  # kept if the run dies
             init_info = initialize_adapter(fed, ledger, getattr(transport, "init_exchange", None))
-            if config.task.eval_init and fed.strategy.adapter_kind == "lorasb" and config.init.method != "random":
-                init_info["eval"] = _federation.evaluate_federation(fed)
+            if config.task.eval_init and fed.init_plan.computed_factors:
+                init_info["eval"] = evaluate(run)
             state = RunState(round=-1, rows=[], init=init_info, eval_before=before, ledger=ledger)
             download = comm.encode(trainable_state(fed.model, fed.head_modules), config.federation.wire_dtype)
         self.ledger = state.ledger
-        download = transport.start(RunContext(fed, state.ledger), download, meta)
+        download = transport.start(run, download, meta)
         first_round = state.round + 1
         for r in range(first_round, config.federation.rounds):
-            metrics, download = play_round(fed, transport, r, download, state.ledger, meter)
-            metrics.update(transport.after_round(RunContext(fed, state.ledger), r, download))
+            metrics, download = play_round(fed, transport, r, download, run, meter, self.states)
+            metrics.update(transport.after_round(run, r, download))
             if self.config_changes and r == first_round:
                 metrics["config_changes"] = self.config_changes
             every = config.task.eval_every
             if r == config.federation.rounds - 1 or (every and (r + 1) % every == 0):
-                metrics["eval"] = _federation.evaluate_federation(fed)
+                metrics["eval"] = evaluate(run)
             state.rows.append(metrics)
             state.round = r
             state.privacy = fed.privacy.to_dict() if fed.privacy is not None else None
@@ -233,19 +329,21 @@ class Experiment:
     def _checkpoint(self, fed: Federation, state: RunState, download: bytes, transport: Transport, sha: str) -> None:
         atomic_write_bytes(self.out_dir / "metrics.jsonl", "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in state.rows).encode())
         extra = transport.checkpoint_meta(download)
+        assert self.states is not None
+        optimizer_states = self.states.checkpointed()
         save_checkpoint(
             self.out_dir,
             fed.model,
             fed.head_modules,
             round_index=state.round,
             include_base=fed.strategy.modifies_base,
-            optimizer_states={c.client_id: c.optimizer_state for c in fed.clients if c.optimizer_state},
+            optimizer_states=optimizer_states,
             meta={
                 **state.to_meta(
                     download,
                     transport.engine,
                     sha,
-                    next((c.optimizer_state["param_groups"] for c in fed.clients if c.optimizer_state), None),
+                    next((opt["param_groups"] for opt in optimizer_states.values()), None),
                 ),
                 **extra,
             },
@@ -291,10 +389,11 @@ def _download_from_meta(fed: Federation, meta: dict[str, Any]) -> dict[str, Tens
 # --- one round (in process) -----------------------------------------------------------------
 
 
-def run_round(fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None) -> tuple[dict[str, Any], bytes]:
-    """One in-process round outside an `Experiment` (benchmarks, tests): (metrics, next download)."""
-
-    return play_round(fed, InProcessTransport(), round_index, download, ledger, meter)
+def run_round(fed: Federation, round_index: int, download: bytes, ledger: comm.CommLedger, meter: ExactnessMeter | None, states: ClientStates | None = None) -> tuple[dict[str, Any], bytes]:
+    """One in-process round outside an `Experiment` (benchmarks, tests): (metrics, next download).
+    states: the clients' state across calls (pass the same one every round); None: a fresh one."""
+    states = states if states is not None else ClientStates(fed.privacy, fed.config.train.keep_optimizer_state)
+    return play_round(fed, InProcessTransport(local_clients(fed)), round_index, download, run_context(fed, ledger), meter, states)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -322,10 +421,6 @@ def run_experiment(
 def run_or_resume(config: ExperimentConfig, out_dir: str | Path, *, base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
     """A finished run's summary as it is; otherwise `run_experiment`, continuing from the
     folder's checkpoint when it has one (the base model's evaluation then comes from it)."""
-    import json
-
-    from fedsb.federated.checkpoint import has_checkpoint
-
     done = Path(out_dir) / "summary.json"
     if done.exists():
         return json.loads(done.read_text())

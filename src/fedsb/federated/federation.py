@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,18 +21,18 @@ from fedsb.config import ConfigError, ExperimentConfig
 from fedsb.data import collate, tokenize_all
 from fedsb.federated import comm
 from fedsb.federated.client import ClientData, steps_for
+from fedsb.federated.parties import combine_evals, party_at, party_client, party_clients
 from fedsb.federated.partition import partition_indices
 from fedsb.init import init_central, init_random, layer_groups
+from fedsb.init.federated_run import run_federated_init, run_federated_init_exchanges
 from fedsb.init.one_time import init_svd, share_factors
-from fedsb.init.svd import effective_lr
+from fedsb.init.plan import SEEDED_LORA, InitPlan, plan_init
 from fedsb.models import load_model, upcast_trainable_heads
 from fedsb.precision import resolve_placement
 from fedsb.progress import progress_bar
+from fedsb.scoring import EvalSettings, evaluate_task
 from fedsb.tasks import get_task
 from fedsb.tasks.base import PairExample
-
-# A sign step above this on every weight is far beyond a full fine-tuning step (~1e-5..1e-4).
-LARGE_INIT_STEP = 1e-3
 
 
 @dataclass
@@ -51,11 +50,10 @@ class Federation:
     classification: bool
     precision: str
     steps_per_round: dict[int, int] = field(default_factory=dict)
+    init_plan: InitPlan = field(default_factory=lambda: InitPlan(SEEDED_LORA))  # set once by `build_federation`
     privacy: Any = None  # fedsb.privacy.state.PrivacyState when privacy.enabled or privacy.user_level
     # federation.client_data: (party name, its eval examples) per client, evaluated party by party
     party_eval: list[tuple[str, list[Any]]] = field(default_factory=list)
-    # a server without client data (Flower, node-data): evaluation is asked of the nodes
-    remote_eval: Callable[[Federation], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def head_modules(self) -> list[str]:
@@ -66,22 +64,6 @@ class Federation:
 
     def mean_total_steps(self) -> int:
         return round(sum(self.total_steps(c.client_id) for c in self.clients) / len(self.clients))
-
-    def init_lr_eff(self) -> float:
-        """The scale of the imitated first full fine-tuning step: `init.lr_eff` when set, else the
-        paper's `train.lr / warm-up steps`."""
-        cfg = self.config
-        if cfg.init.lr_eff:
-            return cfg.init.lr_eff
-        lr_eff = effective_lr(cfg.train.lr, cfg.train.warmup_ratio, self.mean_total_steps())
-        if lr_eff > LARGE_INIT_STEP:
-            warnings.warn(
-                f"the LoRA-SB init puts a step of {lr_eff:g} (train.lr / warm-up steps) on every adapted "
-                f"weight; with few warm-up steps and R's large learning rate this can break the model "
-                f"before training starts. Set init.lr_eff (e.g. 1e-5, a full fine-tuning step) to decouple it.",
-                stacklevel=2,
-            )
-        return lr_eff
 
 
 def build_federation(config: ExperimentConfig, *, party: tuple[str, int] | None = None, counts: Mapping[int, int] | None = None) -> Federation:
@@ -100,8 +82,6 @@ def build_federation(config: ExperimentConfig, *, party: tuple[str, int] | None 
     template = cfg.task.template or getattr(task, "template", None) or getattr(task, "default_template", "alpaca")
     party_eval: list[tuple[str, list[Any]]] = []
     if party is not None or counts is not None:  # no pooled data: one party's own files, or none
-        from fedsb.federated.parties import party_at, party_client
-
         clients = [ClientData(cid, []) for cid in range(cfg.federation.num_clients)]
         classification, eval_examples = False, []
         if party is not None:
@@ -112,8 +92,6 @@ def build_federation(config: ExperimentConfig, *, party: tuple[str, int] | None 
             party_eval = [(party_at(path).name, evals)]
             eval_examples = [(task, evals)] if evals and cfg.task.eval_mode != "none" else []
     elif cfg.federation.client_data is not None:  # each party's own files, read one party at a time
-        from fedsb.federated.parties import party_clients
-
         clients, party_eval = party_clients(cfg, task, tokenizer, template)
         classification = False
         eval_examples = [(task, [ex for _, exs in party_eval for ex in exs])] if cfg.task.eval_mode != "none" else []
@@ -133,7 +111,7 @@ def build_federation(config: ExperimentConfig, *, party: tuple[str, int] | None 
         clients = [ClientData(cid, [items[i] for i in idx], classification) for cid, idx in enumerate(parts)]
     strategy = strategy_cls(weighted=cfg.federation.weighted, head_modules=cfg.adapter.head_modules, seed=cfg.seed)
     if cfg.privacy.user_level:  # DP-FedAvg: clip + noise around the strategy's mean
-        from fedsb.privacy.user_level import wrap_user_level
+        from fedsb.privacy.user_level import wrap_user_level  # slow dependency (opacus), only for DP runs
 
         strategy = wrap_user_level(strategy, cfg)
     inject_adapters(
@@ -168,14 +146,16 @@ def build_federation(config: ExperimentConfig, *, party: tuple[str, int] | None 
     if counts is not None:
         fed.steps_per_round = {cid: steps_for(int(counts.get(cid, 0)), t.batch_size, t.grad_accum, t.local_epochs, t.local_steps) for cid in range(len(clients))}
     if cfg.privacy.enabled or cfg.privacy.user_level:  # per-client noise calibrated for the whole run
-        from fedsb.privacy.state import PrivacyState
+        from fedsb.privacy.state import PrivacyState  # slow dependency (opacus), only for DP runs
 
         fed.privacy = PrivacyState.build(
             cfg,
             examples={c.client_id: c.num_examples for c in clients},
             total_steps={c.client_id: fed.total_steps(c.client_id) for c in clients},
             strategy=strategy,
+            lorasb_init=strategy_cls.one_time_init(),
         )
+    fed.init_plan = plan_init(cfg, strategy_cls, fed.mean_total_steps(), private=fed.privacy is not None and fed.privacy.private_init)
     return fed
 
 
@@ -222,32 +202,35 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
     Flower messages); None runs the clients' side in process.
     """
     cfg = fed.config
+    plan = fed.init_plan
     layers = adapter_layers(fed.model)
-    if fed.strategy.adapter_kind != "lorasb":
-        return {"method": "seeded-lora"}
-    info: dict[str, Any] = {"method": cfg.init.method}
-    private_init = False
-    if cfg.privacy.enabled or cfg.privacy.user_level:  # refuses an init that reads client data without noise
-        from fedsb.privacy.init import guard_init, private_init_central
+    if not plan.lorasb:
+        return {"method": plan.method}
+    info: dict[str, Any] = {"method": plan.method}
+    if cfg.privacy.user_level:  # refuses an init the user-level accounting does not cover (privacy.enabled: at build)
+        from fedsb.privacy.init import guard_init  # slow dependency (opacus), only for DP runs
 
-        private_init = guard_init(cfg)
+        guard_init(cfg)
     start = time.perf_counter()
-    if cfg.init.method == "random":
+    if plan.method == "random":
         init_random(layers, seed=cfg.seed)
-    elif cfg.init.method == "svd":  # local: top singular vectors of the frozen weights
+    elif plan.method == "svd":  # local: top singular vectors of the frozen weights
         init_svd(fed.model, seed=cfg.seed)
-    elif private_init:
+    elif plan.private:
+        from fedsb.privacy.init import private_init_central  # slow dependency (opacus), only for DP runs
+
+        assert plan.lr_eff is not None
         with progress_bar("init: private gradient pass", total=cfg.init.num_samples) as advance:
             ledgers = fed.privacy.clients if fed.privacy is not None else {}
             info.update(
                 private_init_central(
                     cfg, fed.model, fed.clients, pad_id=fed.tokenizer.pad_token_id, classification=fed.classification,
-                    lr_eff=fed.init_lr_eff(), ledgers=ledgers, progress=advance,
+                    lr_eff=plan.lr_eff, ledgers=ledgers, progress=advance,
                 )
             )  # fmt: skip
             if fed.privacy is not None:
                 fed.privacy.init = {k: v for k, v in info.items() if k != "method"}
-    elif cfg.init.method == "central":
+    elif plan.method == "central":
         batches = init_batches(fed)
         passes = len(layer_groups(layers, cfg.init.group_size))
         timings: dict[str, float] = {}
@@ -256,15 +239,12 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
                 fed.model,
                 layers,
                 batches,
-                lr=cfg.train.lr,
-                warmup_ratio=cfg.train.warmup_ratio,
-                total_steps=fed.mean_total_steps(),
                 oversample=cfg.init.oversample,
                 power_iters=cfg.init.power_iters,
                 seed=cfg.seed,
                 precision=fed.precision,
                 progress=advance,
-                lr_eff=fed.init_lr_eff(),
+                lr_eff=plan.lr_eff,
                 group_size=cfg.init.group_size,
                 timings=timings,
                 physical_tokens=cfg.init.physical_tokens,
@@ -272,13 +252,11 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
             )
         info.update({"gradient_pass_seconds": timings["gradient pass"], "svd_seconds": timings["svd"], "passes": passes})
     else:
-        from fedsb.init.federated_run import run_federated_init, run_federated_init_exchanges
-
         info.update(run_federated_init(fed, ledger) if init_exchange is None else run_federated_init_exchanges(fed, ledger, init_exchange))
     mark_trainable(fed.model, fed.head_modules)
     # B and A reach every client once: broadcast (rounded identically everywhere), or a local
     # init verified by a 32-byte digest (fedsb.init.one_time).
-    info.update(share_factors(fed.model, ledger, len(fed.clients), method=cfg.init.method, seed=cfg.seed, broadcast_dtype=cfg.init.broadcast_dtype))
+    info.update(share_factors(fed.model, ledger, len(fed.clients), method=plan.method, seed=cfg.seed, broadcast_dtype=cfg.init.broadcast_dtype))
     info["seconds"] = time.perf_counter() - start
     return info
 
@@ -287,8 +265,6 @@ def initialize_adapter(fed: Federation, ledger: comm.CommLedger, init_exchange: 
 
 
 def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, Any]:
-    from fedsb.scoring import EvalSettings, evaluate_task
-
     cfg = fed.config.task
     settings = EvalSettings(
         batch_size=cfg.eval_batch_size, precision=fed.precision, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
@@ -299,14 +275,11 @@ def evaluate_one(fed: Federation, task: Any, examples: list[Any]) -> dict[str, A
 
 
 def evaluate_federation(fed: Federation) -> dict[str, Any]:
-    """The headline accuracy (mean over evaluation tasks) and the per-task results."""
-    if fed.remote_eval is not None:  # the nodes evaluate on their own files
-        return fed.remote_eval(fed) if fed.config.task.eval_mode != "none" else {}
+    """The headline accuracy (mean over evaluation tasks) and the per-task results (a server
+    without client data asks the nodes instead: `Experiment.run(remote_eval=...)`)."""
     if fed.config.task.eval_mode == "none" or not fed.eval_examples:
         return {}
     if fed.party_eval:  # federation.client_data: each party on its own eval file, then the global figures
-        from fedsb.federated.parties import combine_evals
-
         per_party = {name: evaluate_one(fed, fed.task, exs) for name, exs in fed.party_eval if exs}
         return combine_evals(per_party, skipped=[name for name, exs in fed.party_eval if not exs])
     results = {task.name: evaluate_one(fed, task, examples) for task, examples in fed.eval_examples}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.config_types import ConfigError
-from fedsb.tasks.io import DataFileError
+from fedsb.tasks.io import DataFileError, seeded_subset
 
 DATA_SUFFIXES = (".jsonl", ".json")
 TRAIN_NAMES = ("train.jsonl", "train.json")
@@ -87,8 +87,6 @@ def resolve_parties(client_data: str | list[str]) -> list[Party]:
 def load_party(path: str | os.PathLike[str] | Party, task: Any, *, train_limit: int | None = None, eval_limit: int | None = None, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """(training examples, evaluation examples) of one party, read with `task.read_file`; the
     limits take a seeded subset of each file (as the tasks' own loaders do)."""
-    from fedsb.tasks.io import seeded_subset
-
     party = path if isinstance(path, Party) else party_at(path)
     read = getattr(task, "read_file", None)
     if read is None:
@@ -102,7 +100,7 @@ def combine_evals(per_party: dict[str, dict[str, Any]], skipped: list[str] | Non
     """Global figures from per-party results, by their counts: accuracy = total correct / total
     examples (example-weighted, with a Wilson interval) and loss = total loss / total tokens
     (token-weighted, as if every party's eval file were one); both equal the pooled evaluation."""
-    from fedsb.evaluation import wilson_interval
+    from fedsb.evaluation import wilson_interval  # imports torch (fedsb.evaluation): config checks read parties without it
 
     results = [r for r in per_party.values() if r]
     out: dict[str, Any] = {"n": sum(int(r.get("n", 0)) for r in results)}
@@ -122,8 +120,8 @@ def combine_evals(per_party: dict[str, dict[str, Any]], skipped: list[str] | Non
 def party_client(path: str | os.PathLike[str] | Party, client_id: int, cfg: Any, task: Any, tokenizer: Any, template: str) -> tuple[Any, list[Any]]:
     """One party's `ClientData` (tokenized as the run's config says) and its eval examples: what
     a node builds from its own `data-path`, and the in-process engine from each party."""
-    from fedsb.data import tokenize_all
-    from fedsb.federated.client import ClientData
+    from fedsb.data import tokenize_all  # imports torch (fedsb.data): config checks read parties without it
+    from fedsb.federated.client import ClientData  # imports torch (fedsb.federated.client)
 
     train, evals = load_party(path, task, train_limit=cfg.task.train_limit or None, eval_limit=cfg.task.eval_limit or None, seed=cfg.seed)
     return ClientData(client_id, tokenize_all(train, tokenizer, template, cfg.train.max_length)), evals

@@ -171,7 +171,7 @@ def _builtin_shape(name: str, cfg: Mapping[str, Any], targets: tuple[str, ...], 
 def _shapes_cached(name: str, cfg_json: str, targets: tuple[str, ...], task: Task) -> ModelShape:
     """The meta-device model's layers: any config transformers knows (slow: imports torch)."""
     import torch  # slow dependency: only for a config.json that is not a built-in
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # slow dependency (transformers)
 
     cfg_dict = json.loads(cfg_json)
     model_type = cfg_dict.pop("model_type", None)

@@ -1,6 +1,12 @@
-"""The in-process transport: clients train one after the other on the server's own model.
+"""The transport boundary and the in-process transport.
 
-One base model lives in memory whatever the number of clients: a client is a data partition.
+The driver (`fedsb.federated.experiment`) hands a `Transport` the download and one
+`ClientTask` per sampled client (its `LocalPlan`, the `ClientState` it resumes from, its DP
+noise), with the run as a `RunContext`: never the `Federation`. The transport returns a
+`RoundExchange` of `ClientUpdate`s.
+
+The in-process transport: clients train one after the other on the server's own model. One
+base model lives in memory whatever the number of clients: a client is a data partition.
 Every upload and download still goes through the wire format (`fedsb.federated.comm`) and is
 counted. FedEx residuals and FLoRA stacks are already folded into the shared base weights by
 the server's `Strategy.finish`, which is what each client would do with them.
@@ -9,21 +15,38 @@ the server's `Strategy.finish`, which is what each client would do with them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+from torch import Tensor, nn
+
+from fedsb.aggregation import Strategy
+from fedsb.config import ExperimentConfig
 from fedsb.federated import comm
-from fedsb.federated.client import ClientState, ClientUpdate, LocalPlan, step_runner, train_client
-from fedsb.federated.federation import Federation
+from fedsb.federated.client import ClientData, ClientState, ClientUpdate, LocalPlan, step_runner, train_client
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One sampled client's part of a round, as the driver hands it to a transport."""
+
+    client_id: int
+    plan: LocalPlan
+    state: ClientState  # what the client resumes from (the Experiment's record; a Flower node keeps its own)
+    noise_multiplier: float | None  # its calibrated DP-SGD noise under privacy.enabled, else None
 
 
 @dataclass
 class RunContext:
-    """What a transport may use of the run: the federation and the ledger it records bytes in."""
+    """What a transport may use of the run: never the Federation."""
 
-    fed: Federation
+    config: ExperimentConfig
+    strategy: Strategy
+    model: nn.Module  # the server's model (trainable state; the folded base of FedEx/FLoRA)
     ledger: comm.CommLedger
+    steps_per_round: Mapping[int, int]
+    counts: Mapping[int, int]  # examples per client the server knows; {} on a data-free server
 
 
 @dataclass
@@ -57,7 +80,9 @@ class Transport(Protocol):
         """Before the first round (meta: the checkpoint's, on resume); returns the download to use."""
         ...
 
-    def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange: ...
+    def exchange(self, run: RunContext, round_index: int, download: bytes, tasks: list[ClientTask]) -> RoundExchange:
+        """Move `download` to each task's client (in `tasks`' order) and their updates back."""
+        ...
 
     def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:
         """After aggregation, with the next download; returns extra row fields."""
@@ -70,65 +95,76 @@ class Transport(Protocol):
     def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
-def local_plan(fed: Federation, client_id: int) -> LocalPlan:
-    """What client `client_id`'s round needs from the run (the same on a Flower node)."""
-    return LocalPlan(
-        train=fed.config.train,
-        seed=fed.config.seed,
-        precision=fed.precision,
-        pad_id=fed.tokenizer.pad_token_id,
-        head_modules=fed.head_modules,
-        steps=fed.steps_per_round[client_id],
-        total_steps=fed.total_steps(client_id),
-    )
+@dataclass(frozen=True)
+class LocalClients:
+    """What the in-process transport trains with: the server's own model and the clients' data
+    it holds (never the Federation: what a client resumes from and its noise come in its task)."""
+
+    config: ExperimentConfig  # its step runner (DP-SGD under privacy.enabled)
+    model: nn.Module
+    load_global: Callable[[nn.Module, dict[str, Tensor]], None]  # the strategy's
+    clients: Sequence[ClientData]
+
+    def train(self, task: ClientTask, round_index: int, global_state: dict[str, Tensor]) -> ClientUpdate:
+        """`train_client` for one task: the client's data here, its plan, state and noise in `task`."""
+        return train_client(
+            self.model,
+            self.load_global,
+            self.clients[task.client_id],
+            task.plan,
+            round_index,
+            global_state,
+            runner=step_runner(self.config, task.noise_multiplier),
+            state=task.state,
+        )
 
 
-def client_round(fed: Federation, client_id: int, round_index: int, global_state: dict, state: ClientState) -> ClientUpdate:
-    """`train_client` for one partition of `fed`, with its step runner (DP-SGD under privacy.enabled)."""
-    noise = fed.privacy.clients[client_id].noise_multiplier if fed.config.privacy.enabled else None
-    return train_client(
-        fed.model,
-        fed.strategy.load_global,
-        fed.clients[client_id],
-        local_plan(fed, client_id),
-        round_index,
-        global_state,
-        runner=step_runner(fed.config, noise),
-        state=state,
-    )
+def start_state(strategy: Strategy, model: nn.Module, download: bytes) -> dict[str, Tensor]:
+    """What a client trains from, decoding only the download's tensors it starts from: FedEx's
+    residuals (one d_out x d_in matrix per layer, 28 GB for Mistral-7B) are folded into the base by
+    `apply_download` from their own decode, never materialized here (docs/gpu.md)."""
+    keys = [k for k in strategy.download_state(model) if strategy.downloads_start_value(k)]
+    return strategy.client_start_state(model, comm.decode(download, keys=keys)[0])
 
 
 class InProcessTransport:
+    """Clients train one after the other on the server's model (`LocalClients`); every payload
+    goes through the wire format and is counted. `clients` may be bound after construction
+    (`Experiment.run` binds the federation it builds)."""
+
     engine = "in-process"
     per_client = True
+
+    def __init__(self, clients: LocalClients | None = None) -> None:
+        self.clients = clients
 
     def start(self, run: RunContext, download: bytes, meta: dict[str, Any] | None) -> bytes:
         return download
 
-    def exchange(self, run: RunContext, round_index: int, download: bytes, sampled: list[int]) -> RoundExchange:
+    def exchange(self, run: RunContext, round_index: int, download: bytes, tasks: list[ClientTask]) -> RoundExchange:
+        if self.clients is None:
+            raise RuntimeError("InProcessTransport: no local clients bound (Experiment.run binds them)")
         ex = RoundExchange(updates=iter(()), seconds={"serialize": 0.0})
-        ex.updates = self._updates(run, round_index, download, sampled, ex)
+        ex.updates = self._updates(self.clients, run, round_index, download, tasks, ex)
         return ex
 
-    def _updates(self, run: RunContext, round_index: int, download: bytes, sampled: list[int], ex: RoundExchange) -> Iterator[ClientUpdate]:
-        fed, ledger = run.fed, run.ledger
-        wire = fed.config.federation.wire_dtype
-        global_state = fed.strategy.client_start_state(fed.model, comm.decode(download)[0])
+    @staticmethod
+    def _updates(local: LocalClients, run: RunContext, round_index: int, download: bytes, tasks: list[ClientTask], ex: RoundExchange) -> Iterator[ClientUpdate]:
+        ledger = run.ledger
+        wire = run.config.federation.wire_dtype
+        global_state = start_state(run.strategy, run.model, download)
         shapes = {k: tuple(v.shape) for k, v in global_state.items()}
-        for cid in sampled:
-            client = fed.clients[cid]
+        for task in tasks:
+            cid = task.client_id
             ledger.record_down(round_index, cid, len(download))
-            history = fed.privacy.clients[cid].history if fed.privacy is not None and cid in fed.privacy.clients else None
-            update = client_round(fed, cid, round_index, global_state, ClientState(optimizer=client.optimizer_state, privacy_history=history))
-            if fed.config.train.keep_optimizer_state:
-                client.optimizer_state = update.state.optimizer
+            update = local.train(task, round_index, global_state)
             t0 = time.perf_counter()
             payload = comm.encode(update.tensors, wire)
             update.tensors, _ = comm.decode(payload, expected=shapes)
             update.payload_bytes = len(payload)
             ex.seconds["serialize"] += time.perf_counter() - t0
             ledger.record_up(round_index, cid, len(payload))
-            ex.reports.append(replace(update, tensors={}))  # numbers only: tensors go to the strategy
+            ex.reports.append(replace(update, tensors={}))  # numbers only (and the client's state): tensors go to the strategy
             yield update
 
     def after_round(self, run: RunContext, round_index: int, download: bytes) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedsb.flower.node_worker import dispatch
-from fedsb.flower.protocol import INIT_ACTION, SETUP_ACTION
+from fedsb.flower.protocol import EVALUATE, INIT_ACTION, SETUP_ACTION, TRAIN
 
 
 def fedsb_secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -32,22 +32,22 @@ app = ClientApp(mods=[fedsb_secagg_mod])
 @app.query(SETUP_ACTION)
 def setup(msg: Message, context: Context) -> Message:
     """Store the config and (if sent) the frozen B, A; report what this node holds."""
-    return dispatch("setup", msg, context)
+    return dispatch(SETUP_ACTION, msg, context)
 
 
 @app.query(INIT_ACTION)
 def init(msg: Message, context: Context) -> Message:
     """One exchange of the federated init: this partition's sketch message."""
-    return dispatch("init", msg, context)
+    return dispatch(INIT_ACTION, msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on this node's partition (plain or under SecAgg+)."""
-    return dispatch("train", msg, context)
+    return dispatch(TRAIN, msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss of the global adapter on this node's partition."""
-    return dispatch("evaluate", msg, context)
+    return dispatch(EVALUATE, msg, context)

@@ -1,4 +1,4 @@
-"""Translate between Flower records and fedsb's wire payloads.
+"""Translate between Flower records and fedsb's wire payloads and updates.
 
 A fedsb payload (safetensors bytes, see `fedsb.federated.comm`) rides inside a Flower
 `ArrayRecord` as one raw `Array` with `stype="safetensors"`: Flower chunks and hashes it like
@@ -6,19 +6,45 @@ any array, and the receiver gets back exactly the bytes the CommLedger counted. 
 path uses pickle: the payload is parsed by safetensors' header-first reader, and the SecAgg+
 path (`state_to_ndarrays`) uses Flower's `.npy` arrays, which are loaded with
 `allow_pickle=False`.
+
+One codec pair carries a client's round: `encode_update` (node: a `ClientUpdate` into the train
+reply's records) and `decode_update` (server: the screened fields and the validated tensors
+back into a `ClientUpdate`); `reply_fields` reads a reply's fields into the plain dict
+`screening.screen_reply` checks first. Every key is named in `fedsb.flower.protocol`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from torch import Tensor
+from torch import Tensor, nn
 
+from fedsb.aggregation.base import Strategy
+from fedsb.federated import comm, transport
+from fedsb.federated.client import ClientState, ClientUpdate
 from fedsb.federated.comm import PayloadError
+from fedsb.flower.protocol import (
+    BASE_ID,
+    EPSILON,
+    LOSS,
+    METRICS_RECORD,
+    NODE_RECORD,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PRIVACY_HISTORY,
+    SECONDS,
+    SRC_NODE,
+    STEPS,
+    TOKENS,
+    UPDATE_RECORD,
+)
+from fedsb.flower.screening import Reply
 
 PAYLOAD_STYPE = "safetensors"
 PAYLOAD_KEY = "payload"
@@ -52,6 +78,78 @@ def message_nbytes(message: Message) -> int:
     if message.has_error():
         return len(message.deflate())
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def start_state(strategy: Strategy, model: nn.Module, download: bytes) -> dict[str, Tensor]:
+    """What a client starts from, decoded from the round's download exactly as in process."""
+    return transport.start_state(strategy, model, download)
+
+
+# --- a client's round: ClientUpdate <-> records ------------------------------------------------
+
+
+def update_metrics(update: ClientUpdate) -> dict[str, float]:
+    """A round's numbers as the reply's metrics (plain) or FitRes metrics (SecAgg+)."""
+    return {
+        NUM_EXAMPLES: float(update.num_examples),
+        LOSS: float(update.loss),
+        STEPS: float(update.steps),
+        TOKENS: float(update.tokens),
+        SECONDS: float(update.seconds),
+    }
+
+
+def encode_update(update: ClientUpdate, payload: bytes, *, partition_id: int, base_id: str, epsilon: float | None = None) -> RecordDict:
+    """The node's train reply: the upload (`payload`, the encoded tensors), its numbers, and
+    who sent it from which base; a DP node (`epsilon` given) adds its accountant history."""
+    metrics = update_metrics(update)
+    node: dict[str, Any] = {PARTITION_ID: partition_id, BASE_ID: base_id}
+    if epsilon is not None and update.state.privacy_history is not None:
+        metrics[EPSILON] = float(epsilon)
+        node[PRIVACY_HISTORY] = json.dumps(update.state.privacy_history)
+    return RecordDict({UPDATE_RECORD: payload_record(payload), METRICS_RECORD: MetricRecord(metrics), NODE_RECORD: ConfigRecord(node)})
+
+
+def reply_fields(content: RecordDict, src_node: int, *records: str) -> dict[str, Any]:
+    """A reply's metric and config record entries (the named records) and its sender, as the
+    plain dict `screening.screen_reply` reads."""
+    out: dict[str, Any] = {}
+    for name in records:
+        for group in (content.metric_records, content.config_records):
+            if name in group:
+                out.update(dict(group[name]))
+    out[SRC_NODE] = src_node
+    return out
+
+
+def update_payload(content: RecordDict, max_bytes: int | None) -> bytes:
+    """The upload of a train reply (its size is counted even if it is refused later)."""
+    return payload_from_record(content.array_records.get(UPDATE_RECORD), max_bytes=max_bytes)
+
+
+def decode_update(info: Reply, tensors: dict[str, Tensor], *, client_id: int, num_examples: int, payload_bytes: int) -> ClientUpdate:
+    """A screened reply as the driver's `ClientUpdate`: the example count the server fixed
+    (never the client's claim); a DP node's accountant history and epsilon as it reported them."""
+    return ClientUpdate(
+        client_id=client_id,
+        num_examples=num_examples,
+        tensors=tensors,
+        loss=info.loss,
+        steps=info.steps,
+        tokens=info.tokens,
+        seconds=info.seconds,
+        state=ClientState(privacy_history=info.privacy_history),
+        payload_bytes=payload_bytes,
+        metrics={"epsilon": info.epsilon} if info.epsilon is not None else {},
+    )
+
+
+def secagg_fields(update: ClientUpdate, partition_id: int) -> tuple[int, dict[str, Any]]:
+    """A SecAgg+ FitRes's weight (`update.num_examples`: the weight the server fixed, which
+    `secaggplus_mod` applies before masking) and its metrics."""
+    metrics: dict[str, Any] = update_metrics(update)
+    weight = int(metrics.pop(NUM_EXAMPLES))
+    return weight, {**metrics, PARTITION_ID: partition_id}
 
 
 # --- SecAgg+: Flower's secure aggregation works on lists of numpy arrays ---------------------

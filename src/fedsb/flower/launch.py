@@ -98,10 +98,10 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
 
 def make_tls(folder: Path) -> dict[str, Path]:
     """A self-signed CA and a server certificate for 127.0.0.1 / localhost, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography import x509  # optional dependency (cryptography, via flwr): only --tls
+    from cryptography.hazmat.primitives import hashes, serialization  # only --tls
+    from cryptography.hazmat.primitives.asymmetric import ec  # only --tls
+    from cryptography.x509.oid import NameOID  # only --tls
 
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -147,8 +147,8 @@ def make_tls(folder: Path) -> dict[str, Path]:
 
 def make_node_keys(folder: Path, index: int) -> tuple[Path, Path]:
     """An EC P-384 key pair in OpenSSH format (what `ssh-keygen -t ecdsa -b 384` writes)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization  # optional dependency (cryptography, via flwr): only --auth
+    from cryptography.hazmat.primitives.asymmetric import ec  # only --auth
 
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())

@@ -4,8 +4,8 @@ Flower 1.42 starts a fresh `flwr-clientapp` process for every message a SuperNod
 Built naively, each one imports torch and transformers, loads the model and tokenizes its
 partition before it trains a few steps: with 10 SuperNodes on a 2-core machine that start-up
 was 80-85% of each node's message time, and a round took 10-11x the in-process round. So the ClientApp process only forwards: it hands the message to a worker
-process that belongs to its SuperNode, which builds the node's `Federation` once and keeps it
-(the same per-process cache the handlers already use, `task.client_federation`), and returns the
+process that belongs to its SuperNode, which builds the node's party (`node_party.NodeParty`) once and keeps it
+(the same per-process cache the handlers already use, `node_party.party_for`), and returns the
 reply's content. The ClientApp process imports Flower and this module, nothing of torch.
 
 The worker:
@@ -42,18 +42,43 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedsb.flower.protocol import METRICS_RECORD, NODE_MESSAGE_METRIC, NODE_STARTUP_METRIC
+from fedsb.flower.protocol import (
+    METRICS_RECORD,
+    NODE_CACHE_DIR,
+    NODE_MESSAGE_METRIC,
+    NODE_STARTUP_METRIC,
+    NODE_WORKER,
+    PARTITION_ID,
+    SECONDS,
+    WORKER_CODE,
+    WORKER_KIND,
+    WORKER_REASON,
+    WORKER_STATUS,
+)
+from fedsb.rundir import pid_alive
 
 IDLE_SECONDS = 1800.0  # a worker nobody used for this long exits (its SuperNode may live on)
 SPAWN_TIMEOUT = 300.0  # seconds to wait for a new worker's socket (imports, on a loaded machine)
@@ -84,7 +109,7 @@ def _truthy(value: Any) -> bool | None:
 
 def wanted(context: Context) -> bool:
     """Whether this message goes through the node's worker (see the module docstring)."""
-    choice = _truthy(context.node_config.get("node-worker"))
+    choice = _truthy(context.node_config.get(NODE_WORKER))
     if choice is None:
         choice = _truthy(os.environ.get("FEDSB_NODE_WORKER"))
     if choice is None:
@@ -102,8 +127,8 @@ class WorkerPaths:
     @classmethod
     def for_node(cls, context: Context, supernode_pid: int) -> WorkerPaths:
         """The node's folder under `private_parent` (created); WorkerBusy if there is none."""
-        cache = str(context.node_config.get("cache-dir", "") or os.environ.get("FEDSB_FLOWER_CACHE", ""))
-        ident = json.dumps([cache, str(context.node_config.get("partition-id", "")), supernode_pid, sys.executable])
+        cache = str(context.node_config.get(NODE_CACHE_DIR, "") or os.environ.get("FEDSB_FLOWER_CACHE", ""))
+        ident = json.dumps([cache, str(context.node_config.get(PARTITION_ID, "")), supernode_pid, sys.executable])
         name = f"fedsb-node-{hashlib.sha256(ident.encode()).hexdigest()[:20]}"
         return cls(private_parent(cache, len(name) + len("/sock")) / name)
 
@@ -215,7 +240,7 @@ def dispatch(kind: str, msg: Message, context: Context) -> Message:
         except WorkerBusy:
             pass
     if reply is None:
-        from fedsb.flower.node_handlers import handle
+        from fedsb.flower.node_handlers import handle  # imports torch (fedsb.flower.node_handlers): the ClientApp process stays torch-free
 
         reply = handle(kind, msg, context)
     return _with_timing(reply)
@@ -228,23 +253,20 @@ def _with_timing(reply: Message) -> Message:
     if age is None or reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
         return reply
     metrics = reply.content.metric_records[METRICS_RECORD]
-    if "seconds" in metrics:
+    if SECONDS in metrics:
         metrics[NODE_MESSAGE_METRIC] = float(age)
-        metrics[NODE_STARTUP_METRIC] = max(0.0, float(age) - float(metrics["seconds"]))
+        metrics[NODE_STARTUP_METRIC] = max(0.0, float(age) - float(metrics[SECONDS]))
     return reply
 
 
 def _via_worker(kind: str, msg: Message, context: Context) -> Message:
-    from flwr.common.serde import context_to_proto, message_to_proto, recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
     paths = WorkerPaths.for_node(context, os.getppid())
     private_dir(paths.folder)  # a symlink or someone else's folder: do without the worker
     with _try_lock(paths.client_lock):
         if _is_locked(paths.busy_lock):  # a worker still busy with a message its ClientApp gave up on
             raise WorkerBusy("worker busy")
         with _connect(paths) as conn:
-            conn.send_bytes(json.dumps({"kind": kind}).encode())
+            conn.send_bytes(json.dumps({WORKER_KIND: kind}).encode())
             conn.send_bytes(context_to_proto(context).SerializeToString())
             conn.send_bytes(message_to_proto(msg).SerializeToString())
             try:
@@ -252,10 +274,10 @@ def _via_worker(kind: str, msg: Message, context: Context) -> Message:
                 body = conn.recv_bytes()
             except (EOFError, OSError):
                 raise RuntimeError(f"the node worker dropped the message {kind!r} (died, or could not read it); see {paths.log}") from None
-    if head["status"] == "error":
-        return Message(Error(code=int(head.get("code", 0)), reason=str(head["reason"])), reply_to=msg)
-    if head["status"] == "raised":
-        raise RuntimeError(str(head["reason"]))
+    if head[WORKER_STATUS] == "error":
+        return Message(Error(code=int(head.get(WORKER_CODE, 0)), reason=str(head[WORKER_REASON])), reply_to=msg)
+    if head[WORKER_STATUS] == "raised":
+        raise RuntimeError(str(head[WORKER_REASON]))
     return Message(recorddict_from_proto(ProtoRecordDict.FromString(body)), reply_to=msg)
 
 
@@ -317,11 +339,7 @@ def _answer(conn: Connection, handle: Any) -> tuple[bytes, bytes, Any]:
     """Handle one forwarded message from `conn`; return the two reply frames (sent by the
     caller after it marked the worker free, so the next message never finds it busy) and what
     to do once they are sent."""
-    from flwr.common.serde import context_from_proto, message_from_proto, recorddict_to_proto
-    from flwr.proto.message_pb2 import Context as ProtoContext
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-
-    kind = json.loads(conn.recv_bytes())["kind"]
+    kind = json.loads(conn.recv_bytes())[WORKER_KIND]
     context = context_from_proto(ProtoContext.FromString(conn.recv_bytes()))
     msg = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
     try:
@@ -329,10 +347,10 @@ def _answer(conn: Connection, handle: Any) -> tuple[bytes, bytes, Any]:
     except Exception as e:  # noqa: BLE001  # the ClientApp re-raises it: Flower turns it into an error reply
         traceback.print_exc()
         sys.stdout.flush()
-        return json.dumps({"status": "raised", "reason": f"{type(e).__name__}: {e}"}).encode(), b"", None
+        return json.dumps({WORKER_STATUS: "raised", WORKER_REASON: f"{type(e).__name__}: {e}"}).encode(), b"", None
     if reply.has_error():
-        return json.dumps({"status": "error", "code": reply.error.code, "reason": reply.error.reason}).encode(), b"", None
-    return json.dumps({"status": "ok"}).encode(), recorddict_to_proto(reply.content).SerializeToString(), (kind, msg, context)
+        return json.dumps({WORKER_STATUS: "error", WORKER_CODE: reply.error.code, WORKER_REASON: reply.error.reason}).encode(), b"", None
+    return json.dumps({WORKER_STATUS: "ok"}).encode(), recorddict_to_proto(reply.content).SerializeToString(), (kind, msg, context)
 
 
 def _clean_up(paths: WorkerPaths) -> None:
@@ -352,8 +370,6 @@ def _clean_up(paths: WorkerPaths) -> None:
 
 def _watch_supernode(supernode_pid: int, paths: WorkerPaths) -> None:
     """Exit the moment the SuperNode is gone, even in the middle of a (hung) message."""
-    from fedsb.rundir import pid_alive
-
     while pid_alive(supernode_pid):
         time.sleep(PARENT_POLL)
     _clean_up(paths)
@@ -362,9 +378,6 @@ def _watch_supernode(supernode_pid: int, paths: WorkerPaths) -> None:
 
 def serve(folder: Path, supernode_pid: int) -> None:
     """Answer forwarded messages until the SuperNode is gone or nobody called for IDLE_SECONDS."""
-    import threading
-    from multiprocessing.connection import answer_challenge, deliver_challenge
-
     from fedsb.flower.node_handlers import handle, prewarm  # the heavy imports, once
 
     paths = WorkerPaths(folder)

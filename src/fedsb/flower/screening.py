@@ -1,7 +1,7 @@
 """Screen every field a node sends before the server uses it: one function, every message kind.
 
 A reply's fields (its metric and node records, and the id of the node it came from) are read by
-`server_loop` into a plain dict and passed through `screen_reply` before anything else looks at
+`codec.reply_fields` into a plain dict and passed through `screen_reply` before anything else looks at
 them: setup replies, train replies (plain), SecAgg+ FitRes fields, evaluate replies and the
 federated init's replies. A field that is missing, of the wrong type, not finite, out of its
 stated bound, or that contradicts what the server already knows (the partition this node holds,
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsb.federated.comm import PayloadError
+from fedsb.flower import protocol as P
 
 MAX_EXAMPLES = 10**8  # a partition's example count: 1 .. this
 MAX_STEPS = 10**7  # optimizer steps one reply may report
@@ -129,35 +130,34 @@ def _history(value: Any) -> list[list[float | int]]:
 # field name -> (Reply attribute, checker). `partition-id` and the counts are checked against
 # `Expected` in `screen_reply` as well.
 _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "partition-id": ("partition", lambda v: _integer(v, 0, MAX_EXAMPLES)),
-    "num-examples": ("num_examples", lambda v: _integer(v, 1, MAX_EXAMPLES)),
-    "has-frozen": ("has_frozen", _flag),
-    "loss": ("loss", _real),
-    "steps": ("steps", lambda v: _integer(v, 0, MAX_STEPS)),
-    "tokens": ("tokens", lambda v: _integer(v, 0, MAX_TOKENS)),
-    "seconds": ("seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
-    "epsilon": ("epsilon", lambda v: _real(v, 0.0)),
-    "node-startup-seconds": ("startup_seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
-    "node-message-seconds": ("message_seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
-    "base-id": ("base_id", _base_id),
-    "privacy-history": ("privacy_history", _history),
-    "eval-n": ("eval_n", lambda v: _integer(v, 0, MAX_EXAMPLES)),
-    "eval-correct": ("eval_correct", lambda v: _integer(v, 0, MAX_EXAMPLES)),
-    "eval-loss-sum": ("eval_loss_sum", lambda v: _real(v, 0.0, 1e6 * MAX_TOKENS)),
-    "eval-tokens": ("eval_tokens", lambda v: _integer(v, 0, MAX_TOKENS)),
+    P.PARTITION_ID: ("partition", lambda v: _integer(v, 0, MAX_EXAMPLES)),
+    P.NUM_EXAMPLES: ("num_examples", lambda v: _integer(v, 1, MAX_EXAMPLES)),
+    P.HAS_FROZEN: ("has_frozen", _flag),
+    P.LOSS: ("loss", _real),
+    P.STEPS: ("steps", lambda v: _integer(v, 0, MAX_STEPS)),
+    P.TOKENS: ("tokens", lambda v: _integer(v, 0, MAX_TOKENS)),
+    P.SECONDS: ("seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
+    P.EPSILON: ("epsilon", lambda v: _real(v, 0.0)),
+    P.NODE_STARTUP_METRIC: ("startup_seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
+    P.NODE_MESSAGE_METRIC: ("message_seconds", lambda v: _real(v, 0.0, MAX_SECONDS)),
+    P.BASE_ID: ("base_id", _base_id),
+    P.PRIVACY_HISTORY: ("privacy_history", _history),
+    P.EVAL_N: ("eval_n", lambda v: _integer(v, 0, MAX_EXAMPLES)),
+    P.EVAL_CORRECT: ("eval_correct", lambda v: _integer(v, 0, MAX_EXAMPLES)),
+    P.EVAL_LOSS_SUM: ("eval_loss_sum", lambda v: _real(v, 0.0, 1e6 * MAX_TOKENS)),
+    P.EVAL_TOKENS: ("eval_tokens", lambda v: _integer(v, 0, MAX_TOKENS)),
 }
+
+_ROUND_NUMBERS = (P.PARTITION_ID, P.NUM_EXAMPLES, P.LOSS, P.STEPS, P.TOKENS, P.SECONDS)
 
 # message kind -> (required fields, optional fields)
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "setup": (("partition-id", "has-frozen"), ("num-examples", "tokens")),
-    "train": (
-        ("partition-id", "num-examples", "loss", "steps", "tokens", "seconds"),
-        ("base-id", "epsilon", "privacy-history", "node-startup-seconds", "node-message-seconds"),
-    ),
-    "secagg": (("partition-id", "num-examples", "loss", "steps", "tokens", "seconds"), ()),
-    "evaluate": (("partition-id", "num-examples", "loss"), ("base-id",)),
-    "party-eval": (("partition-id", "eval-n"), ("eval-correct", "eval-loss-sum", "eval-tokens", "base-id")),
-    "init": ((), ()),
+    P.SETUP_ACTION: ((P.PARTITION_ID, P.HAS_FROZEN), (P.NUM_EXAMPLES, P.TOKENS)),
+    P.TRAIN: (_ROUND_NUMBERS, (P.BASE_ID, P.EPSILON, P.PRIVACY_HISTORY, P.NODE_STARTUP_METRIC, P.NODE_MESSAGE_METRIC)),
+    P.SECAGG: (_ROUND_NUMBERS, ()),
+    P.EVALUATE: ((P.PARTITION_ID, P.NUM_EXAMPLES, P.LOSS), (P.BASE_ID,)),
+    P.PARTY_EVAL: ((P.PARTITION_ID, P.EVAL_N), (P.EVAL_CORRECT, P.EVAL_LOSS_SUM, P.EVAL_TOKENS, P.BASE_ID)),
+    P.INIT_ACTION: ((), ()),
 }
 
 
@@ -175,8 +175,8 @@ def screen_reply(kind: str, fields: Mapping[str, Any], expected: Expected) -> Re
     if kind not in KINDS:
         raise ValueError(f"unknown reply kind {kind!r}")
     required, optional = KINDS[kind]
-    if expected.node is not None and "src-node" in fields and fields["src-node"] != expected.node:
-        raise ReplyError(f"the reply came from node {fields['src-node']!r}, the message went to node {expected.node}")
+    if expected.node is not None and P.SRC_NODE in fields and fields[P.SRC_NODE] != expected.node:
+        raise ReplyError(f"the reply came from node {fields[P.SRC_NODE]!r}, the message went to node {expected.node}")
     values: dict[str, Any] = {}
     for name in required + optional:
         if name not in fields:
@@ -195,9 +195,9 @@ def screen_reply(kind: str, fields: Mapping[str, Any], expected: Expected) -> Re
         if expected.partition is not None and reply.partition != expected.partition:
             raise ReplyError(f"{kind} reply: partition-id {reply.partition}, but this node holds partition {expected.partition}")
     claim = reply.num_examples
-    want = expected.weight if kind == "secagg" else expected.num_examples
+    want = expected.weight if kind == P.SECAGG else expected.num_examples
     if claim is not None and want is not None and claim != want:
-        what = "weight" if kind == "secagg" else "examples"
+        what = "weight" if kind == P.SECAGG else "examples"
         raise ReplyError(f"{kind} reply: claims {claim} {what}, the server fixed {want} for partition {expected.partition}")
     if reply.eval_correct is not None and reply.eval_correct > (reply.eval_n or 0):
         raise ReplyError(f"{kind} reply: eval-correct {reply.eval_correct} is more than eval-n {reply.eval_n}")

@@ -43,6 +43,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as _workflow_module
 
 from fedsb.flower.messaging import CountingGrid
+from fedsb.flower.protocol import WEIGHT
 
 # (node id, the FitRes the node's masked-vector reply carries) -> a reason to drop it, or None
 FitScreen = Callable[[int, FitRes], "str | None"]
@@ -67,7 +68,7 @@ class SumBridge(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-        return [(proxy, FitIns(parameters, {**self.config, "weight": self.weights.get(proxy.node_id, 1)})) for proxy in self.proxies]
+        return [(proxy, FitIns(parameters, {**self.config, WEIGHT: self.weights.get(proxy.node_id, 1)})) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         self.failures = len(failures)

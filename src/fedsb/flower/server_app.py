@@ -1,7 +1,7 @@
 """The Flower ServerApp: `flwr run .` runs a fedsb experiment on a Flower federation.
 
 Run-config keys (`[tool.flwr.app.config]` in pyproject.toml, `--run-config` to override) are
-those of `fedsb.flower.task.RunSettings`, documented in docs/flower.md. The experiment itself
+those of `fedsb.flower.settings.RunSettings`, documented in docs/flower.md. The experiment itself
 (model, task, strategy, rounds, ...) is an ordinary fedsb TOML config (`config-path`).
 """
 
@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsb.flower.server_loop import run_server
-from fedsb.flower.task import RunSettings
+from fedsb.flower.settings import RunSettings
 
 app = ServerApp()
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -108,9 +109,9 @@ def init_central(
     layers: Mapping[str, AdapterLinear],
     batches: Iterable[Mapping[str, Any]],
     *,
-    lr: float,
-    warmup_ratio: float,
-    total_steps: int,
+    lr: float = 0.0,
+    warmup_ratio: float = 0.0,
+    total_steps: int = 0,
     oversample: int = 10,
     power_iters: int = 2,
     seed: int = 0,
@@ -125,7 +126,8 @@ def init_central(
 ) -> float:
     """The paper's initialization on data this party holds; returns lr_eff.
 
-    lr_eff defaults to the paper's `lr / warm-up steps`; pass it to set the step's scale directly.
+    lr_eff: the step's scale (a run passes its `InitPlan.lr_eff`); without it, the paper's
+    `lr / warm-up steps` from `lr`, `warmup_ratio` and `total_steps`.
     `group_size` > 0 runs the gradient pass once per group of that many target layers, each
     group's SVDs right after its pass: the fp32 gradient buffers at any time are those of the
     largest group (4 bytes x its weights' numbers) instead of all targets', for one extra forward
@@ -133,9 +135,10 @@ def init_central(
     `timings`, when given, receives the seconds spent in "gradient pass" and "svd".
     `physical_tokens` bounds the tokens per forward, `pack` packs them (`estimate_gradients`).
     """
-    import time
-
-    lr_eff = lr_eff or effective_lr(lr, warmup_ratio, total_steps)
+    if not lr_eff:
+        if lr <= 0:
+            raise ValueError("init_central: pass lr_eff, or lr (with warmup_ratio and total_steps) to derive it")
+        lr_eff = effective_lr(lr, warmup_ratio, total_steps)
     batches = list(batches)
     indices = {name: i for i, name in enumerate(layers)}
     spent = {"gradient pass": 0.0, "svd": 0.0}

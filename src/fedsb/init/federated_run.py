@@ -37,6 +37,14 @@ if TYPE_CHECKING:
     from fedsb.federated.federation import Federation
 
 
+def _lr_eff(fed: "Federation") -> float:
+    """The run's step scale, computed once in its `InitPlan`."""
+    lr_eff = fed.init_plan.lr_eff
+    if lr_eff is None:
+        raise ValueError(f"init.method = {fed.init_plan.method!r}: the federated init is not this run's")
+    return lr_eff
+
+
 def client_init_batches(fed: "Federation", client_index: int, per_client: int) -> list[dict[str, Tensor]]:
     """The first `per_client` examples of a seeded shuffle of the client's own data."""
     client = fed.clients[client_index]
@@ -51,7 +59,7 @@ def client_init_batches(fed: "Federation", client_index: int, per_client: int) -
 def run_federated_init(fed: "Federation", ledger: "CommLedger") -> dict[str, Any]:
     cfg = fed.config
     layers = adapter_layers(fed.model)
-    lr_eff = fed.init_lr_eff()
+    lr_eff = _lr_eff(fed)
     per_client = max(1, math.ceil(cfg.init.num_samples / len(fed.clients)))
     signs: list[dict[str, Tensor]] = []
     with progress_bar("init: client gradients", total=len(fed.clients)) as advance:
@@ -85,18 +93,18 @@ CLIENT_MESSAGES = {"sketch": client_sketch, "left": client_power_left, "right": 
 InitExchange = Callable[[str, dict[str, Tensor]], dict[int, dict[str, Tensor]]]
 
 
-def init_plan(fed: "Federation") -> tuple[dict[str, tuple[int, int]], int, float]:
+def agreed_setup(fed: "Federation") -> tuple[dict[str, tuple[int, int]], int, float]:
     """What every party agrees on: layer shapes (their order gives Omega's seeds), examples per
     client, and the step scale lr_eff."""
     layers = adapter_layers(fed.model)
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     per_client = max(1, math.ceil(fed.config.init.num_samples / len(fed.clients)))
-    return shapes, per_client, fed.init_lr_eff()
+    return shapes, per_client, _lr_eff(fed)
 
 
 def client_signs(fed: "Federation", client_index: int) -> dict[str, Tensor]:
     """sign(G_i) per layer (int8) on the client's own examples: all it keeps for the protocol."""
-    _, per_client, _ = init_plan(fed)
+    _, per_client, _ = agreed_setup(fed)
     grads = estimate_gradients(fed.model, adapter_layers(fed.model), client_init_batches(fed, client_index, per_client), precision=fed.precision)
     return {name: g.sign().to(torch.int8) for name, g in grads.items()}
 
@@ -104,7 +112,7 @@ def client_signs(fed: "Federation", client_index: int) -> dict[str, Tensor]:
 def client_init_message(fed: "Federation", signs: dict[str, Tensor], kind: str, broadcast: dict[str, Tensor]) -> dict[str, Tensor]:
     """One client's upload for one exchange, every layer: U_i = -lr_eff * sign(G_i) times the
     broadcast basis (for the sketch, Omega drawn from the shared seed)."""
-    shapes, _, lr_eff = init_plan(fed)
+    shapes, _, lr_eff = agreed_setup(fed)
     cfg = fed.config.init
     out = {}
     for index, (name, shape) in enumerate(shapes.items()):
@@ -123,7 +131,7 @@ def run_federated_init_exchanges(fed: "Federation", ledger: "CommLedger", exchan
     same arithmetic as `run_federated_init` layer by layer (client order, normalized weights),
     all layers in one message per exchange; the server never sees a client's U_i."""
     cfg = fed.config
-    shapes, per_client, lr_eff = init_plan(fed)
+    shapes, per_client, lr_eff = agreed_setup(fed)
     n = len(fed.clients)
     weights = normalize_weights([c.num_examples for c in fed.clients] if cfg.federation.weighted else [1.0] * n, n)
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fedsb.adapter.layer import AdapterLinear
 from fedsb.physical_batch import PhysicalBatch, plan_physical_batches, supports_repacking
 from fedsb.precision import autocast_context
+from fedsb.training import causal_lm_loss, physical_batch_loss, supports_packing
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 
@@ -27,8 +28,6 @@ LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     """The model's own loss (`labels` in the batch), as Hugging Face models compute it; for a
     causal LM the output head runs only where labels need it (`fedsb.training.causal_lm_loss`)."""
-    from fedsb.training import causal_lm_loss
-
     return causal_lm_loss(model, batch)
 
 
@@ -64,8 +63,6 @@ def estimate_gradients(
     (`fedsb.physical_batch`; packed into one sequence each with `pack`, where the model allows):
     the activations, not the gradient, are this pass's largest holder.
     """
-    from fedsb.training import physical_batch_loss, supports_packing
-
     batches = list(batches)
     if not batches:
         raise ValueError("gradient estimation needs at least one batch")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fedsb.adapter.inject import adapter_layers
 from fedsb.adapter.layer import LoraSBLinear
 from fedsb.federated import comm
+from fedsb.init import init_random
 
 BROADCAST_DTYPES = ("fp32", "bf16", "fp16", "int8")
 LOCAL_METHODS = ("random", "svd")
@@ -177,8 +178,6 @@ def local_init(method: str, seed: int) -> Callable[[nn.Module], None]:
     if method == "svd":
         return lambda model: init_svd(model, seed=seed)
     if method == "random":
-        from fedsb.init import init_random
-
         return lambda model: init_random(adapter_layers(model), seed=seed)
     raise ValueError(f"{method!r} is not a local initialization; local ones: {', '.join(LOCAL_METHODS)}")
 

@@ -70,11 +70,10 @@ def init_sample_rate(config: Any, total_examples: int) -> float:
     return min(1.0, config.init.num_samples / max(1, total_examples))
 
 
-def planned_init_entries(config: Any, total_examples: int) -> list[Entry]:
-    """The accountant entries the init will add to every client's ledger (none if not private)."""
-    from fedsb.aggregation import get_strategy
-
-    if get_strategy(config.federation.strategy).adapter_kind != "lorasb" or not guard_init(config):
+def planned_init_entries(config: Any, total_examples: int, lorasb: bool) -> list[Entry]:
+    """The accountant entries the init will add to every client's ledger (none if not private;
+    only a LoRA-SB init, `lorasb` = `Strategy.one_time_init()`, reads data)."""
+    if not lorasb or not guard_init(config):
         return []
     return [(float(config.privacy.init_noise_multiplier), init_sample_rate(config, total_examples), 1)]
 

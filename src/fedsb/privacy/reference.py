@@ -21,6 +21,7 @@ from fedsb.config import ExperimentConfig
 from fedsb.data import collate, tokenize_all
 from fedsb.federated.client import ClientData
 from fedsb.models import load_model
+from fedsb.precision import resolve_placement
 from fedsb.privacy.accounting import calibrate_noise, default_delta, epsilon_of, poisson_sample_rate
 from fedsb.privacy.engine import PrivateSession
 from fedsb.scoring import EvalSettings, evaluate_task
@@ -47,8 +48,6 @@ def run_reference(cfg: ExperimentConfig, kind: str, *, lr: float | None = None) 
         raise ValueError("the full fine-tuning reference is non-private only (per-sample gradients of every weight)")
     wall = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    from fedsb.precision import resolve_placement
-
     placement = resolve_placement(cfg.model.device, cfg.train.precision, "fp32")  # fp32 weights: "full" trains them all
     model, tok = load_model(cfg.model.name, cfg.model.kind, num_labels=cfg.model.num_labels, seed=cfg.seed, placement=placement)
     task = get_task(cfg.task.name, **cfg.task.options)

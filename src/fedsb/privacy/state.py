@@ -18,21 +18,29 @@ from fedsb.privacy.user_level import UserLevelDP
 
 @dataclass
 class PrivacyState:
+    """The run's privacy ledgers. Each client's sample-level ledger is the one owner of its DP
+    accountant history: on the server only the driver reads it into a round's `ClientTask` and
+    writes back the history the client returns (`fedsb.federated.experiment.ClientStates`)."""
+
     clients: dict[int, Ledger] = field(default_factory=dict)  # sample-level DP-SGD (privacy.enabled)
     user: Ledger | None = None  # DP-FedAvg (privacy.user_level); owned by the strategy wrapper
     init: dict[str, Any] = field(default_factory=dict)  # what the private init did, if any
+    private_init: bool = False  # the init is a Gaussian mechanism on client data (its entries are planned)
 
     @classmethod
-    def build(cls, cfg: Any, *, examples: dict[int, int], total_steps: dict[int, int], strategy: Any = None) -> "PrivacyState":
+    def build(cls, cfg: Any, *, examples: dict[int, int], total_steps: dict[int, int], strategy: Any = None, lorasb_init: bool = False) -> "PrivacyState":
         """examples / total_steps: per client id, its example count and its optimizer steps over
-        the run; strategy: the (possibly `UserLevelDP`-wrapped) strategy, owner of the user ledger."""
+        the run; strategy: the (possibly `UserLevelDP`-wrapped) strategy, owner of the user ledger;
+        lorasb_init: the run does a LoRA-SB init (`Strategy.one_time_init`), the only one that
+        may read client data (refused here unless it is a Gaussian mechanism)."""
         p, t = cfg.privacy, cfg.train
         state = cls(user=strategy.ledger if isinstance(strategy, UserLevelDP) else None)
         if not p.enabled:
             return state
         check_sample_delta(p, list(examples.values()))  # n is known only now
         logical_batch = t.batch_size * t.grad_accum
-        prior = planned_init_entries(cfg, sum(examples.values()))
+        prior = planned_init_entries(cfg, sum(examples.values()), lorasb_init)
+        state.private_init = bool(prior)
         for cid, n in examples.items():
             delta = p.delta if p.delta is not None else default_delta(n)
             q = poisson_sample_rate(n, logical_batch)

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.adapter.export import atomic_write_json
+from fedsb.config import non_default_settings
+from fedsb.federated.checkpoint import CHECKPOINT_DIR, has_checkpoint
+from fedsb.federated.experiment import run_or_resume
 from fedsb.rundir import pid_alive
 from fedsb.sweep.spec import Cell, Sweep
 
@@ -33,8 +36,6 @@ def cell_dir(sweep: Sweep, cell: Cell) -> Path:
 def fingerprint(sweep: Sweep, cell: Cell) -> str:
     """SHA-256 of the cell's settings that differ from the defaults: an edited sweep file
     invalidates old cells, a new option whose default keeps today's behaviour does not."""
-    from fedsb.config import non_default_settings
-
     text = json.dumps(non_default_settings(sweep.cell_config(cell)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -101,9 +102,6 @@ def is_claimed(folder: Path) -> bool:
 def run_cell(sweep: Sweep, cell: Cell, base_eval: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run `cell` unless it is finished or another live process holds it; returns its summary
     (None when someone else has it). An interrupted run continues from its last round."""
-    from fedsb.federated.checkpoint import CHECKPOINT_DIR, has_checkpoint
-    from fedsb.federated.experiment import run_or_resume
-
     folder = cell_dir(sweep, cell)
     if is_done(sweep, cell):
         return read_summary(sweep, cell)

@@ -287,10 +287,10 @@ def render_markdown(sweep: Sweep, selection: list[dict[str, Any]], chosen: dict[
 
 
 def plot(groups: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # slow dependency (matplotlib), only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow dependency (matplotlib), after its backend is chosen
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110, sharey=True)
     methods = sorted({g["method"] for g in groups})

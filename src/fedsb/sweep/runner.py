@@ -19,6 +19,7 @@ from typing import Any
 
 from fedsb.adapter.export import atomic_write_json
 from fedsb.sweep.cells import RUN, cell_dir, is_claimed, is_done, read_summary, run_cell
+from fedsb.sweep.frontier import write_report
 from fedsb.sweep.select import choose_lrs
 from fedsb.sweep.spec import Cell, Sweep
 
@@ -73,8 +74,6 @@ def run_sweep(sweep: Sweep, *, phases: tuple[str, ...] = ("select", "test", "rep
         run_phase(sweep, test_cells, log, wait=wait)
     result["test"] = [s for c in test_cells if (s := read_summary(sweep, c)) is not None]
     if "report" in phases:
-        from fedsb.sweep.frontier import write_report
-
         paths = write_report(sweep, result["selection"], chosen, result["test"])
         log(f"[sweep] wrote {', '.join(str(p) for p in paths)}")
     return result

@@ -28,8 +28,10 @@ from typing import Any, ClassVar
 
 from fedsb.config_types import ConfigError
 from fedsb.errors import FedsbError
+from fedsb.rundir import atomic_write_bytes
 from fedsb.tasks.base import Task, check_options, register_task
 from fedsb.tasks.io import check_record, iter_records, seeded_subset
+from fedsb.tasks.prompts import render_prompt
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 ANSWER_CHECKS: tuple[str, ...] = ("none", "exact", "regex")
@@ -71,23 +73,19 @@ class SftExample:
     def segments(self, tokenizer: Any, template: str) -> list[tuple[str, bool]]:
         """(text, carries loss) pieces whose concatenation is the rendered example."""
         if not self.conversational:
-            from fedsb.tasks.prompts import render_prompt
-
             return [(render_prompt(self.prompt or "", template, tokenizer), False), (self.completion or "", True)]
         return chat_segments(self.messages, self.trained, tokenizer, self.where)
 
     def prompt_text(self, tokenizer: Any, template: str) -> str:
         """What a model sees before generating the final completion."""
         if not self.conversational:
-            from fedsb.tasks.prompts import render_prompt
-
             return render_prompt(self.prompt or "", template, tokenizer)
         last = len(self.messages) - 1
         return _render(tokenizer, self.messages[:last], self.where, generation_prompt=True)
 
     def tokenize(self, tokenizer: Any, template: str, max_length: int) -> Any:
         """A `fedsb.data.Tokenized` with labels on the trained pieces only."""
-        from fedsb.data import Tokenized
+        from fedsb.data import Tokenized  # imports torch (fedsb.data)
 
         ids, labels = token_labels(self.segments(tokenizer, template), tokenizer)
         if len(ids) > max_length:  # keep the end: the final answer and its EOS are what trains
@@ -396,7 +394,6 @@ def write_samples(out_dir: str | Path, before: dict[str, Any] | None, after: dic
     text = samples_markdown(before, after)
     if text is None:
         return None
-    from fedsb.rundir import atomic_write_bytes
 
     path = Path(out_dir) / SAMPLES_FILE
     atomic_write_bytes(path, text.encode())
