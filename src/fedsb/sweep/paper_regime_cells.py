@@ -4,13 +4,12 @@ imports the other."""
 
 from __future__ import annotations
 
-import copy
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedsb.config import ConfigError, ExperimentConfig, config_from_dict, merge_overrides
+from fedsb.config import ConfigError, ExperimentConfig, config_from_dict
 from fedsb.sweep.spec import Cell, Sweep, load_sweep
 
 EXTRA = "paper.json"
@@ -49,11 +48,7 @@ class PaperSweep(Sweep):
             return super().cell_config(cell)
         # The experiment's own task: its eval part is the test set (never trained on). A task in
         # tuning mode would score a validation slice instead, which is not what a test cell means.
-        data = merge_overrides(copy.deepcopy(self.experiment), [*self.set, *cell.method.set])
-        data["seed"] = cell.seed
-        data.setdefault("federation", {})["strategy"] = cell.method.strategy
-        data.setdefault("adapter", {})["rank"] = cell.rank
-        data.setdefault("train", {})["lr"] = cell.lr
+        data = self.cell_data(cell)
         task = data.setdefault("task", {})
         if (task.get("options") or {}).get("tune"):
             raise ConfigError(f"{self.path}: holdout = false with task.options.tune = true would score the validation slice as the test")

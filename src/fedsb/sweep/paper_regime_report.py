@@ -331,7 +331,8 @@ def claims_section(groups: dict[tuple[str, int], Group], privacy_rows: list[str]
     return out + [""]
 
 
-def cells_section(rows: list[dict[str, Any]], expected: list[str] | None) -> list[str]:
+def _cells_header(rows: list[dict[str, Any]], expected: list[str] | None) -> list[str]:
+    """How many cells finished, their CPU time, and which are still missing."""
     done = {r["id"] for r in rows}
     cpu = sum(float(r.get("cpu_s", 0.0)) for r in rows)
     out = ["## Cells", "",
@@ -339,6 +340,11 @@ def cells_section(rows: list[dict[str, Any]], expected: list[str] | None) -> lis
            f"{cpu / 3600:.2f} h ({cpu:.0f} s, one torch thread each).", ""]
     if expected is not None and (missing := [i for i in expected if i not in done]):
         out += ["Not finished yet: " + ", ".join(f"`{i}`" for i in missing) + ".", ""]
+    return out
+
+
+def cells_section(rows: list[dict[str, Any]], expected: list[str] | None) -> list[str]:
+    out = _cells_header(rows, expected)
     out += ["| cell | accuracy % | n | CPU s |", "|---|---:|---:|---:|"]
     for r in rows:
         f = r["final"]
@@ -691,13 +697,7 @@ def privacy_table_section(table: dict[tuple[str, str, float | None], tuple[int, 
 
 
 def privacy_cells_section(rows: list[dict[str, Any]], expected: list[str] | None) -> list[str]:
-    done = {r["id"] for r in rows}
-    cpu = sum(float(r.get("cpu_s", 0.0)) for r in rows)
-    out = ["## Cells", "",
-           f"{len(done)} finished" + (f" of {len(expected)}" if expected is not None else "") + f"; CPU time of the finished cells "
-           f"{cpu / 3600:.2f} h ({cpu:.0f} s, one torch thread each).", ""]
-    if expected is not None and (missing := [i for i in expected if i not in done]):
-        out += ["Not finished yet: " + ", ".join(f"`{i}`" for i in missing) + ".", ""]
+    out = _cells_header(rows, expected)
     out += ["| cell | rounds x epochs | accuracy % | n | epsilon reached | CPU s | wall s |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         f, extra = r["final"], r["paper"]

@@ -100,13 +100,18 @@ class Sweep:
             for s in self.seeds for m in self.methods for r in m.ranks if (m.name, r) in chosen
         ]
 
-    def cell_config(self, cell: Cell) -> ExperimentConfig:
-        """The experiment with the cell's settings, its task wrapped in a validation/test holdout."""
+    def cell_data(self, cell: Cell) -> dict[str, Any]:
+        """The experiment's config table with the sweep's and the cell's settings applied."""
         data = merge_overrides(copy.deepcopy(self.experiment), [*self.set, *cell.method.set])
         data["seed"] = cell.seed
         data.setdefault("federation", {})["strategy"] = cell.method.strategy
         data.setdefault("adapter", {})["rank"] = cell.rank
         data.setdefault("train", {})["lr"] = cell.lr
+        return data
+
+    def cell_config(self, cell: Cell) -> ExperimentConfig:
+        """The experiment with the cell's settings, its task wrapped in a validation/test holdout."""
+        data = self.cell_data(cell)
         task = data.setdefault("task", {})
         train_limit = task.get("train_limit") or None
         task["options"] = {
