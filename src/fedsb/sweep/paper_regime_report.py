@@ -47,8 +47,23 @@ PAPER = {
 }
 
 
+class Pooled:
+    """Test accuracy pooled over seeds: `correct` of `n`, with its Wilson 95% interval."""
+
+    correct: int
+    n: int
+
+    @property
+    def acc(self) -> float | None:
+        return self.correct / self.n if self.n else None
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n)
+
+
 @dataclass
-class Group:
+class Group(Pooled):
     """One method at one local-step count, pooled over the seeds that finished."""
 
     label: str
@@ -69,14 +84,6 @@ class Group:
     one_time: float | None = None
     total: float | None = None
     base: tuple[int, int] = (0, 0)  # the untrained model's (correct, n), pooled over seeds
-
-    @property
-    def acc(self) -> float | None:
-        return self.correct / self.n if self.n else None
-
-    @property
-    def ci(self) -> tuple[float, float]:
-        return wilson_interval(self.correct, self.n)
 
 
 def load_rows(out: Path, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -447,7 +454,7 @@ STRATEGY_LABEL = {"fedsb": "Fed-SB", "ffa": "FFA-LoRA", "fedit": "FedIT", "fedex
 
 
 @dataclass
-class PGroup:
+class PGroup(Pooled):
     """One (method, privacy, rounds x epochs) setting, pooled over the seeds that finished."""
 
     label: str
@@ -469,14 +476,6 @@ class PGroup:
     download: float | None = None
     one_time: float | None = None
     total: float | None = None
-
-    @property
-    def acc(self) -> float | None:
-        return self.correct / self.n if self.n else None
-
-    @property
-    def ci(self) -> tuple[float, float]:
-        return wilson_interval(self.correct, self.n)
 
     @property
     def shape(self) -> str:
