@@ -123,10 +123,10 @@ def test_privacy_claim_rows_come_from_the_snli_report_when_given():
 
 
 def test_snli_rows_are_the_claims_not_the_method_rows(tmp_path):
-    """No SNLI sweep file beside the arithmetic one: no rows (the table says 'not run')."""
+    """No SNLI sweep file beside the arithmetic one: no rows (the table says 'not run'); with the
+    committed SNLI cells: the claim rows only, each pointing to its report."""
     from fedsb.sweep.paper_regime_report import snli_privacy_rows
 
     assert snli_privacy_rows(tmp_path) is None
     rows = snli_privacy_rows(ROOT / "configs")
-    if rows is not None:  # the committed SNLI cells: claim rows only, each pointing to its report
-        assert rows and all(r.startswith("| (SNLI, docs/paper-regime-snli.md) Fed-SB ") and not r.startswith("| (SNLI, docs/paper-regime-snli.md) Fed-SB |") for r in rows)
+    assert rows and all(r.startswith("| (SNLI, docs/paper-regime-snli.md) Fed-SB ") and not r.startswith("| (SNLI, docs/paper-regime-snli.md) Fed-SB |") for r in rows)
